@@ -15,7 +15,7 @@ build: ## release build (CPU)
 run: ## start the server on port 7000 (env: MODEL_ID, QUANTIZATION, PRELOAD_MODELS, ...)
 	$(CARGO) run --release -- serve
 
-test: lint ## everything CI runs: format, clippy, unit, parity and integration tests
+test: lint test-assets ## everything CI runs: format, clippy, unit, parity and integration tests
 	$(CARGO) test --all-targets
 
 lint: fmt clippy ## format and clippy checks
@@ -28,3 +28,11 @@ clippy:
 
 health: ## query a running server's /health
 	curl -fsS http://$(HOST):$(PORT)/health; echo
+
+# Things the tests need that are not in git (downloaded, cached, checksummed). Each area adds
+# its own prerequisite with a line `test-assets: <target>` in its block below.
+.PHONY: test-assets fixtures
+test-assets:
+
+# Regenerates committed parity fixtures (needs Python + PyTorch; never run by `make test`).
+fixtures:

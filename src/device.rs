@@ -26,5 +26,9 @@ impl DeviceKind {
 
 /// The working dtype for a device: bf16 on CUDA, f32 on CPU (candle's CPU conv2d has no bf16).
 pub fn default_dtype(device: &Device) -> DType {
-    if device.is_cuda() { DType::BF16 } else { DType::F32 }
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
 }

@@ -4,6 +4,7 @@
 //! `flux2` pipeline and the `upscale` networks) → encode and upload (`io`) → response.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod device;
 pub mod engine;
