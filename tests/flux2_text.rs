@@ -118,7 +118,12 @@ fn real_qwen3_tokenizer_matches_transformers() {
     for p in &fx.prompts {
         let e = tok.encode(&p.prompt).unwrap();
         assert_eq!(e.num_tokens, p.num_tokens, "'{}'", p.name);
-        assert_eq!(&e.input_ids[..p.num_tokens], &p.input_ids[..], "'{}'", p.name);
+        assert_eq!(
+            &e.input_ids[..p.num_tokens],
+            &p.input_ids[..],
+            "'{}'",
+            p.name
+        );
         assert!(e.input_ids[p.num_tokens..].iter().all(|&i| i == 151643));
         assert!(e.attention_mask[..p.num_tokens].iter().all(|&m| m == 1));
         assert!(e.attention_mask[p.num_tokens..].iter().all(|&m| m == 0));
@@ -129,10 +134,15 @@ fn real_qwen3_tokenizer_matches_transformers() {
 fn text_encoder_matches_diffusers_embeddings() {
     let fx = text_fixture();
     let (tok, enc) = load_encoder(&fixtures().join("tiny-model"));
-    assert_eq!(enc.num_layers_loaded(), 27, "only layers up to 27 are loaded");
+    assert_eq!(
+        enc.num_layers_loaded(),
+        27,
+        "only layers up to 27 are loaded"
+    );
     assert_eq!(enc.output_dim(), 3 * fx.hidden_size);
-    let want = candle_core::safetensors::load(fixtures().join("text_encoder.safetensors"), &Device::Cpu)
-        .unwrap();
+    let want =
+        candle_core::safetensors::load(fixtures().join("text_encoder.safetensors"), &Device::Cpu)
+            .unwrap();
     let with_embeds: Vec<&PromptFixture> =
         fx.prompts.iter().filter(|p| p.embeds.is_some()).collect();
     assert!(with_embeds.len() >= 4);
@@ -154,8 +164,9 @@ fn text_encoder_matches_diffusers_embeddings() {
 fn embeddings_are_sensitive_to_the_prompt() {
     let fx = text_fixture();
     let (tok, enc) = load_encoder(&fixtures().join("tiny-model"));
-    let want = candle_core::safetensors::load(fixtures().join("text_encoder.safetensors"), &Device::Cpu)
-        .unwrap();
+    let want =
+        candle_core::safetensors::load(fixtures().join("text_encoder.safetensors"), &Device::Cpu)
+            .unwrap();
     let normal = fx.prompts.iter().find(|p| p.name == "normal").unwrap();
     // One word changed.
     let other = normal.prompt.replace("sunrise", "sunset");

@@ -43,7 +43,13 @@ struct Rotary {
 }
 
 impl Rotary {
-    fn new(head_dim: usize, theta: f64, max_len: usize, dtype: DType, dev: &Device) -> Result<Self> {
+    fn new(
+        head_dim: usize,
+        theta: f64,
+        max_len: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
         let inv_freq: Vec<f32> = (0..head_dim / 2)
             .map(|i| 1.0 / (theta.powf(2.0 * i as f64 / head_dim as f64) as f32))
             .collect();
@@ -106,11 +112,21 @@ impl Attention {
         // Per-head RMSNorm on q and k before RoPE (Qwen3's QK-norm).
         let q = self
             .q_norm
-            .forward(&self.q_proj.forward(x)?.reshape((b, l, self.num_heads, self.head_dim))?)?
+            .forward(
+                &self
+                    .q_proj
+                    .forward(x)?
+                    .reshape((b, l, self.num_heads, self.head_dim))?,
+            )?
             .transpose(1, 2)?;
         let k = self
             .k_norm
-            .forward(&self.k_proj.forward(x)?.reshape((b, l, self.num_kv_heads, self.head_dim))?)?
+            .forward(
+                &self
+                    .k_proj
+                    .forward(x)?
+                    .reshape((b, l, self.num_kv_heads, self.head_dim))?,
+            )?
             .transpose(1, 2)?;
         let v = self
             .v_proj
@@ -126,10 +142,9 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
         // Mask and softmax in f32: pad keys get exactly zero weight in any compute dtype.
-        let probs = candle_nn::ops::softmax_last_dim(
-            &scores.to_dtype(DType::F32)?.broadcast_add(mask)?,
-        )?
-        .to_dtype(v.dtype())?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?.broadcast_add(mask)?)?
+                .to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?; // [B, H, L, hd]
         let out = out
             .transpose(1, 2)?
@@ -170,8 +185,7 @@ impl Mlp {
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj
-            .forward(&(gate * self.up_proj.forward(x)?)?)
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
     }
 }
 
@@ -205,7 +219,9 @@ impl DecoderLayer {
         let h = (x + self
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, mask, rope)?)?;
-        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?
+        &h + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h)?)?
     }
 }
 
@@ -335,7 +351,10 @@ mod tests {
             .to_vec2()
             .unwrap();
         let inf = f32::NEG_INFINITY;
-        assert_eq!(m, vec![vec![0., inf, inf], vec![0., 0., inf], vec![0., 0., inf]]);
+        assert_eq!(
+            m,
+            vec![vec![0., inf, inf], vec![0., 0., inf], vec![0., 0., inf]]
+        );
     }
 
     #[test]
@@ -344,7 +363,12 @@ mod tests {
             .unwrap()
             .reshape((1, 2, 2, 1))
             .unwrap();
-        let r: Vec<f32> = repeat_kv(x, 2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let r: Vec<f32> = repeat_kv(x, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(r, vec![0., 1., 0., 1., 2., 3., 2., 3.]);
     }
 }
