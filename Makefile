@@ -50,6 +50,7 @@ parity-venv: ## create/check the PyTorch venv used to generate parity fixtures
 fixtures-flux2-text: parity-venv qwen3-tokenizer
 	$(PARITY_VENV)/bin/python scripts/parity/make_tiny_model.py
 	$(PARITY_VENV)/bin/python scripts/parity/make_text_fixtures.py --qwen3-tokenizer $(QWEN3_TOKENIZER_DIR)
+	$(PARITY_VENV)/bin/python scripts/parity/make_manifests.py
 
 fixtures: fixtures-flux2-text
 

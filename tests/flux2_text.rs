@@ -212,3 +212,42 @@ fn sharded_text_encoder_loads_the_same_tensors() {
     assert_eq!(d, 0.0);
     assert_eq!(cfg.num_hidden_layers, 28);
 }
+
+#[derive(serde::Deserialize)]
+struct Manifest {
+    config: serde_json::Value,
+    tensors: std::collections::BTreeMap<String, Vec<usize>>,
+}
+
+/// Built at the real Qwen3-4B and Qwen3-8B sizes (no weights), the encoder requests exactly
+/// the real checkpoint's embedding and layers 0..26, with the real shapes, and nothing else.
+#[test]
+fn text_encoder_requests_exactly_the_real_checkpoint_tensors() {
+    use imagegen::flux2::config::Qwen3Config;
+    use imagegen::flux2::weights::recording_var_builder;
+    for variant in ["qwen3-4b", "qwen3-8b"] {
+        let m: Manifest = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join(format!("manifests/{variant}.json"))).unwrap(),
+        )
+        .unwrap();
+        let cfg: Qwen3Config = serde_json::from_value(m.config).unwrap();
+        let (vb, log) = recording_var_builder(DType::F32, &Device::Cpu);
+        let enc = Qwen3TextEncoder::new(&cfg, vb, MAX_LENGTH).unwrap();
+        assert_eq!(enc.output_dim(), 3 * cfg.hidden_size);
+        let requested = log.lock().unwrap().clone();
+        let wanted: std::collections::BTreeMap<String, Vec<usize>> = m
+            .tensors
+            .into_iter()
+            .filter(|(name, _)| {
+                name == "model.embed_tokens.weight"
+                    || name
+                        .strip_prefix("model.layers.")
+                        .and_then(|r| r.split('.').next())
+                        .and_then(|i| i.parse::<usize>().ok())
+                        .is_some_and(|i| i < 27)
+            })
+            .collect();
+        assert_eq!(wanted.len(), 1 + 27 * 11, "{variant}");
+        assert_eq!(requested, wanted, "{variant}");
+    }
+}

@@ -668,6 +668,57 @@ impl SimpleBackend for BflBackend {
     }
 }
 
+/// Names and shapes requested from a [`recording_var_builder`].
+pub type RequestLog =
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<usize>>>>;
+
+struct RecordingBackend {
+    log: RequestLog,
+}
+
+impl SimpleBackend for RecordingBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.log
+            .lock()
+            .map_err(|_| candle_core::Error::msg("request log poisoned"))?
+            .insert(name.to_string(), s.dims().to_vec());
+        // A stride-0 view of one zero: the real 4B/9B shapes cost no memory.
+        Tensor::zeros(1, dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("recording backend: {name} requested without a shape")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// A `VarBuilder` that serves zero tensors of any requested shape and logs every request:
+/// builds a model at the real 4B/9B sizes without weights, to check against the committed
+/// checkpoint manifests (tests/fixtures/flux2/manifests) which names and shapes it would load.
+pub fn recording_var_builder(dtype: DType, device: &Device) -> (VarBuilder<'static>, RequestLog) {
+    let log = RequestLog::default();
+    let backend = RecordingBackend { log: log.clone() };
+    (
+        VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
+        log,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -738,5 +789,46 @@ mod tests {
             ))
         );
         assert_eq!(bfl_source("transformer_blocks.0.attn.unknown.weight"), None);
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Manifest {
+        tensors: std::collections::BTreeMap<String, Vec<usize>>,
+    }
+
+    fn manifest(name: &str) -> Manifest {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/flux2/manifests")
+            .join(format!("{name}.json"));
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    /// Every diffusers tensor of the real transformers has a BFL source of the right shape,
+    /// and every tensor of the real BFL file is used.
+    #[test]
+    fn bfl_mapping_covers_the_real_4b_and_9b_checkpoints() {
+        for variant in ["transformer-4b", "transformer-9b"] {
+            let diffusers = manifest(variant).tensors;
+            let bfl = manifest(&format!("{variant}-bfl")).tensors;
+            let mut used = BTreeSet::new();
+            for (name, shape) in &diffusers {
+                let src = bfl_source(name).unwrap_or_else(|| panic!("{variant}: {name} unmapped"));
+                let (b, want) = match &src {
+                    BflSource::Direct(b) | BflSource::SwapHalves(b) => (b, shape.clone()),
+                    BflSource::Chunk(b, _, n) => {
+                        let mut s = shape.clone();
+                        s[0] *= n;
+                        (b, s)
+                    }
+                };
+                assert_eq!(bfl.get(b), Some(&want), "{variant}: {name} <- {b}");
+                used.insert(b.clone());
+            }
+            let unused: Vec<_> = bfl.keys().filter(|k| !used.contains(*k)).collect();
+            assert!(
+                unused.is_empty(),
+                "{variant}: BFL tensors never loaded: {unused:?}"
+            );
+        }
     }
 }
