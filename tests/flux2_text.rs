@@ -251,3 +251,20 @@ fn text_encoder_requests_exactly_the_real_checkpoint_tensors() {
         assert_eq!(requested, wanted, "{variant}");
     }
 }
+
+/// The one-call API the pipeline uses gives the fixture embeddings too.
+#[test]
+fn prompt_encoder_loads_from_model_files() {
+    use imagegen::flux2::text_encoder::PromptEncoder;
+    let files = ModelFiles::open(fixtures().join("tiny-model").to_str().unwrap(), None).unwrap();
+    let pe = PromptEncoder::load(&files, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(pe.output_dim(), 96);
+    let fx = text_fixture();
+    let p = fx.prompts.iter().find(|p| p.name == "unicode").unwrap();
+    let got = pe.encode(&[p.prompt.as_str()]).unwrap();
+    let want =
+        candle_core::safetensors::load(fixtures().join("text_encoder.safetensors"), &Device::Cpu)
+            .unwrap();
+    let d = max_abs_diff(&got, &want["prompt_embeds.unicode"]);
+    assert!(d <= 1e-4, "{d}");
+}

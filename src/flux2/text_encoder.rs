@@ -10,6 +10,8 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear_no_bias};
 
 use super::config::Qwen3Config;
+use super::tokenizer::{PromptTokenizer, TokenizerError};
+use super::weights::{ModelFiles, WeightsError};
 
 /// `Flux2KleinPipeline` `text_encoder_out_layers`.
 pub const OUTPUT_LAYERS: [usize; 3] = [9, 18, 27];
@@ -333,6 +335,68 @@ fn build_mask(attention_mask: &Tensor, b: usize, l: usize, dev: &Device) -> Resu
         }
     }
     Tensor::from_vec(m, (b, 1, l, l), dev)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PromptEncoderError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Tokenizer + truncated Qwen3: prompts in, `[B, 512, 3 * hidden]` prompt embeddings out, as
+/// `Flux2KleinPipeline.encode_prompt` produces them.
+pub struct PromptEncoder {
+    tokenizer: PromptTokenizer,
+    encoder: Qwen3TextEncoder,
+    device: Device,
+}
+
+impl PromptEncoder {
+    /// Loads `tokenizer/` and `text_encoder/` of a diffusers-layout model.
+    pub fn load(
+        files: &ModelFiles,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, PromptEncoderError> {
+        let tok_json = files.get("tokenizer/tokenizer.json")?;
+        let tok_cfg = if files.contains("tokenizer/tokenizer_config.json") {
+            Some(files.get("tokenizer/tokenizer_config.json")?)
+        } else {
+            None
+        };
+        let tokenizer = PromptTokenizer::from_files(&tok_json, tok_cfg.as_deref())?;
+        let cfg = files.text_encoder_config()?;
+        let vb = files.component_var_builder("text_encoder", dtype, device)?;
+        let encoder = Qwen3TextEncoder::new(&cfg, vb, tokenizer.max_length())?;
+        Ok(Self {
+            tokenizer,
+            encoder,
+            device: device.clone(),
+        })
+    }
+
+    pub fn tokenizer(&self) -> &PromptTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn encoder(&self) -> &Qwen3TextEncoder {
+        &self.encoder
+    }
+
+    /// Width of the embeddings per token (the DiT's `joint_attention_dim`).
+    pub fn output_dim(&self) -> usize {
+        self.encoder.output_dim()
+    }
+
+    /// `[B, 512, 3 * hidden]` in the model dtype, one row per prompt.
+    pub fn encode(&self, prompts: &[&str]) -> std::result::Result<Tensor, PromptEncoderError> {
+        let (ids, mask) = self.tokenizer.encode_batch(prompts, &self.device)?;
+        Ok(self.encoder.forward(&ids, &mask)?)
+    }
 }
 
 #[cfg(test)]
