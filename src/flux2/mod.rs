@@ -3,5 +3,10 @@
 //! Module names mirror the diffusers components; `VarBuilder` paths mirror checkpoint names.
 
 pub mod quant;
+pub mod reference;
+pub mod rng;
+pub mod scheduler;
+pub mod transformer;
+pub mod vae;
 
 pub use quant::Quantization;
