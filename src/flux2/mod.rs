@@ -3,6 +3,7 @@
 //! Module names mirror the diffusers components; `VarBuilder` paths mirror checkpoint names.
 
 pub mod config;
+pub mod pipeline;
 pub mod quant;
 pub mod reference;
 pub mod rng;
