@@ -180,3 +180,59 @@ fn lanczos_resize_matches_pil() {
         assert_eq!(diff, 0, "{key}: {diff} bytes differ from PIL");
     }
 }
+
+/// The BFL single-file layouts (f32 and fp8 with scales) of the same tiny transformer, served
+/// under diffusers names by `weights::bfl_var_builder`, give the diffusers output.
+#[test]
+fn transformer_from_bfl_single_files_matches_diffusers() {
+    let f = load("transformer.safetensors");
+    let dir = model_dir().join("transformer");
+    let cfg: Flux2TransformerConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    for (file, tol) in [
+        ("flux-2-klein-tiny.safetensors", 1e-4f32),
+        ("flux-2-klein-tiny-fp8.safetensors", 0.2),
+    ] {
+        let (vb, _) =
+            imagegen::flux2::weights::bfl_var_builder(&root().join(file), DType::F32, &Device::Cpu)
+                .unwrap();
+        let model = Flux2Transformer2DModel::new(&cfg, vb, Quantization::None).unwrap();
+        let out = model
+            .forward(
+                &f["hidden_states"],
+                &f["encoder_hidden_states"],
+                &f["timestep_a"],
+                &f["img_ids"],
+                &f["txt_ids"],
+            )
+            .unwrap();
+        let err = max_abs(&out, &f["output_a"]);
+        eprintln!("{file}: max abs error {err:e}");
+        assert!(err < tol, "{file}: {err}");
+    }
+}
+
+/// Weight-only quantization of every transformer Linear stays close to the f32 output.
+#[test]
+fn quantized_transformer_stays_close() {
+    let f = load("transformer.safetensors");
+    let dir = model_dir().join("transformer");
+    let cfg: Flux2TransformerConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    // fp8 e4m3 keeps 3 mantissa bits, int8 about 7: outputs are ~3.5 in magnitude.
+    for (q, tol) in [(Quantization::Fp8, 0.3f32), (Quantization::Int8, 0.1)] {
+        let model = Flux2Transformer2DModel::new(&cfg, vb_for(&dir), q).unwrap();
+        let out = model
+            .forward(
+                &f["hidden_states"],
+                &f["encoder_hidden_states"],
+                &f["timestep_a"],
+                &f["img_ids"],
+                &f["txt_ids"],
+            )
+            .unwrap();
+        let err = max_abs(&out, &f["output_a"]);
+        eprintln!("quantization {q}: max abs error {err:e}");
+        assert!(err < tol && err > 0.0, "{q}: {err}");
+    }
+}
