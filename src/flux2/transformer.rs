@@ -157,16 +157,39 @@ impl Rope {
     }
 }
 
+/// Most attention-score elements materialised at once (query rows are chunked beyond this):
+/// 2^28 bf16 scores are 512 MiB.
+const MAX_SCORES: usize = 1 << 28;
+
 /// Scaled dot-product attention over [B, H, S, d] inputs, no mask; returns [B, S, H·d].
 ///
-/// The single place where attention happens, so a fused kernel can replace it.
+/// The single place where attention happens, so a fused kernel can replace it. The softmax
+/// kernels accumulate in f32 whatever the input dtype.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    attention_chunked(q, k, v, MAX_SCORES)
+}
+
+fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, max_scores: usize) -> Result<Tensor> {
     let (b, h, s, d) = q.dims4()?;
     let scale = 1.0 / (d as f64).sqrt();
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let probs =
-        candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(q.dtype())?;
-    let out = probs.matmul(&v.contiguous()?)?;
+    let q = q.contiguous()?;
+    let kt = k.t()?.contiguous()?;
+    let v = v.contiguous()?;
+    let kv_len = kt.dim(3)?;
+    let rows = (max_scores / (b * h * kv_len).max(1)).clamp(1, s);
+    let mut outs = Vec::with_capacity(s.div_ceil(rows));
+    let mut start = 0;
+    while start < s {
+        let n = rows.min(s - start);
+        let scores = (q.narrow(2, start, n)?.matmul(&kt)? * scale)?;
+        outs.push(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?);
+        start += n;
+    }
+    let out = if outs.len() == 1 {
+        outs.pop().expect("one chunk")
+    } else {
+        Tensor::cat(&outs, 2)?
+    };
     out.transpose(1, 2)?.reshape((b, s, h * d))
 }
 
@@ -577,5 +600,48 @@ impl Flux2Transformer2DModel {
     ) -> Result<Tensor> {
         let rope = self.rope(txt_ids, img_ids)?;
         self.forward_with_rope(hidden_states, encoder_hidden_states, timestep, &rope)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, h, s, d) = q.dims4()?;
+        let w = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? / (d as f64).sqrt())?)?;
+        w.matmul(v)?.transpose(1, 2)?.reshape((b, s, h * d))
+    }
+
+    #[test]
+    fn chunked_attention_equals_one_shot() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 2, 37, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (1, 2, 37, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 37, 8), &dev)?;
+        let a = attention(&q, &k, &v)?;
+        let n = naive(&q, &k, &v)?;
+        let err = (a - &n)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(err < 1e-6, "{err}");
+        // 2·37·8 scores per chunk → 8 query rows per chunk, 5 chunks.
+        let c = attention_chunked(&q, &k, &v, 2 * 37 * 8)?;
+        let err = (c - &n)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(err < 1e-6, "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn rope_tables_follow_diffusers_frequencies() -> Result<()> {
+        let ids = Tensor::new(&[[0f32, 2.0, 0.0, 511.0]], &Device::Cpu)?;
+        let r = Rope::new(&ids, &[4, 4, 8, 8], 2000.0, &Device::Cpu)?;
+        let cos = r.cos.to_vec2::<f32>()?;
+        // axis 1 (pairs 2..4) at position 2: freq 2000^(-2j/4), j = 0, 1
+        assert!((cos[0][2] - 2f32.cos()).abs() < 1e-6);
+        assert!((cos[0][3] - (2.0 / 2000f64.sqrt()).cos() as f32).abs() < 1e-6);
+        // axis 3 (pairs 8..12) at position 511, j = 1: 511 · 2000^(-2/8)
+        let a = 511.0 * 2000f64.powf(-0.25);
+        assert!((cos[0][9] - a.cos() as f32).abs() < 1e-6);
+        assert_eq!(cos[0][0], 1.0);
+        Ok(())
     }
 }

@@ -156,8 +156,7 @@ impl Module for MidAttention {
         while start < len {
             let rows = ATTN_CHUNK.min(len - start);
             let s = (q.narrow(1, start, rows)?.matmul(&kt)? * scale)?;
-            let p =
-                candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+            let p = candle_nn::ops::softmax_last_dim(&s)?;
             outs.push(p.matmul(&v)?);
             start += rows;
         }
