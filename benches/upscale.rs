@@ -11,10 +11,17 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use imagegen::upscale::rrdbnet::{RrdbConfig, RrdbNet};
 
 fn bench(c: &mut Criterion) {
-    let size: usize = std::env::var("UPSCALE_BENCH_SIZE")
+    // `cargo test --all-targets` runs this binary without `--bench` (criterion's test mode, one
+    // pass): keep that pass tiny so `make test` does not spend minutes here.
+    let bench_mode = std::env::args().any(|a| a == "--bench");
+    let size: usize = match std::env::var("UPSCALE_BENCH_SIZE")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(256);
+    {
+        Some(s) => s,
+        None if bench_mode => 256,
+        None => 8,
+    };
     let dev = Device::Cpu;
     let varmap = VarMap::new();
     let net = RrdbNet::new(
