@@ -89,7 +89,8 @@ def main():
     with torch.device("meta"):
         vae = AutoencoderKLFlux2()
     sd = {k: v for k, v in vae.state_dict().items()}
-    write("vae", dict(vae.config), shapes(sd))
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vae.config.items() if not k.startswith("_")}
+    write("vae", cfg, shapes(sd))
 
 
 if __name__ == "__main__":
