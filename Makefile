@@ -108,3 +108,8 @@ fixtures-flux2-dit: parity-venv fixtures-flux2-text
 	$(PARITY_VENV)/bin/python scripts/parity/make_dit_fixtures.py
 
 fixtures: fixtures-flux2-dit
+
+.PHONY: bench-flux2-cpu
+bench-flux2-cpu: ## FLUX.2 transformer forward + VAE decode on CPU: candle vs PyTorch, same threads
+	$(CARGO) bench --bench flux2_cpu
+	$(PARITY_VENV)/bin/python benches/flux2_torch.py
