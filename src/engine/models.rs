@@ -3,36 +3,80 @@
 use candle_core::Device;
 use image::RgbImage;
 
-use super::{BackendLoader, EngineError, ImageBackend, Upscale, UpscaleBackend};
+use super::{BackendLoader, EngineError, ImageBackend, ItemParams, Upscale, UpscaleBackend};
 use crate::config::ServeArgs;
+use crate::device::default_dtype;
+use crate::flux2::pipeline::{
+    Flux2Error, Flux2Pipeline, GenerateParams, LoadOptions, ReferenceLatents,
+};
 use crate::upscale::{UpscaleError, Upscaler, UpscalerOptions};
 
-/// Placeholder until the FLUX.2 pipeline is merged: loading fails with a clear message, so the
-/// server reports `unhealthy` and never serves an image it did not really generate.
-pub struct Unavailable;
+impl From<Flux2Error> for EngineError {
+    fn from(e: Flux2Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Flux2Error::InvalidInput { .. } | Flux2Error::InvalidReference(_) => {
+                EngineError::InvalidInput(msg)
+            }
+            Flux2Error::ModelFiles(_) | Flux2Error::Tokenizer(_) => EngineError::ModelFiles(msg),
+            Flux2Error::Cancelled => EngineError::Cancelled,
+            Flux2Error::Candle(_) => EngineError::Device(msg),
+        }
+    }
+}
 
-impl ImageBackend for Unavailable {
-    type References = ();
+/// The FLUX.2 [klein] pipeline.
+pub struct Flux {
+    pub pipeline: Flux2Pipeline,
+}
 
-    fn encode_references(&self, _: &[RgbImage]) -> Result<(), EngineError> {
-        Err(EngineError::NotLoaded)
+impl ImageBackend for Flux {
+    type References = ReferenceLatents;
+
+    fn encode_references(&self, images: &[RgbImage]) -> Result<ReferenceLatents, EngineError> {
+        Ok(self.pipeline.encode_references(images)?)
     }
 
     fn generate(
         &self,
-        _: &super::ItemParams,
-        _: Option<&()>,
-        _: &dyn Fn() -> bool,
+        item: &ItemParams,
+        refs: Option<&ReferenceLatents>,
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<RgbImage, EngineError> {
-        Err(EngineError::NotLoaded)
+        let params = GenerateParams {
+            prompt: item.prompt.clone(),
+            width: item.width,
+            height: item.height,
+            num_steps: item.num_steps,
+            seed: item.seed,
+            guidance_scale: item.guidance_scale,
+            latents: None,
+        };
+        let out = self.pipeline.generate(&params, refs, cancelled)?;
+        tracing::debug!(
+            text_encoder_ms = out.timings.text_encoder_ms,
+            denoise_ms = out.timings.denoise_ms,
+            vae_decode_ms = out.timings.vae_decode_ms,
+            "generated"
+        );
+        Ok(out.image)
     }
 }
 
-pub fn flux_loader(_args: &ServeArgs, _device: &Device) -> Option<BackendLoader<Unavailable>> {
-    Some(Box::new(|| {
-        Err(EngineError::ModelFiles(
-            "this build has no FLUX.2 pipeline yet".into(),
-        ))
+/// Loads the configured model on the worker thread (the token is passed, never logged).
+pub fn flux_loader(args: &ServeArgs, device: &Device) -> Option<BackendLoader<Flux>> {
+    let opts = LoadOptions {
+        model_id: args.resolved_model_id(),
+        quantization: args.quantization,
+        device: device.clone(),
+        dtype: default_dtype(device),
+        hf_token: args.token(),
+    };
+    Some(Box::new(move || {
+        tracing::info!(model_id = %opts.model_id, quantization = %opts.quantization, dtype = ?opts.dtype, "Loading FLUX model");
+        Ok(Flux {
+            pipeline: Flux2Pipeline::load(&opts)?,
+        })
     }))
 }
 

@@ -297,6 +297,49 @@ impl Server {
         }
     }
 
+    /// Starts the production server (`imagegen::api::serve_on`) on CPU with the committed tiny
+    /// random-weight FLUX.2 model and the tiny random-weight SRVGGNetCompact upscaler: the real
+    /// pipeline and the real upscaler, just small.
+    pub async fn start_real(flags: &[&str]) -> Server {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let model = format!("{root}/tests/fixtures/flux2/tiny-model");
+        let weights = format!("{root}/tests/fixtures/upscale/srvgg_x4.safetensors");
+        let mut argv = vec![
+            "--allow-private-urls",
+            "true",
+            "--upload-retry-base-ms",
+            "20",
+            "--shutdown-grace-secs",
+            "2",
+            "--device",
+            "cpu",
+            "--model-id",
+            &model,
+            "--upscaler-model",
+            "general-x4v3",
+            "--upscaler-weights",
+            &weights,
+            "--upscale-tile",
+            "0",
+            "--upscaler-allow-download",
+            "false",
+        ];
+        argv.extend_from_slice(flags);
+        let args = ServeArgs::try_parse_from(argv).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(imagegen::api::serve_on(listener, args, async move {
+            let _ = stopped.await;
+        }));
+        Server {
+            addr,
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+            stop: Some(stop),
+            handle: Some(handle),
+        }
+    }
+
     /// Waits until /health reports `status`, for at most `within`.
     pub async fn wait_status(&self, status: &str, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;

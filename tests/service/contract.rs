@@ -9,9 +9,10 @@ use serde_json::{Value, json};
 use crate::backend::Paint;
 use crate::common::Server;
 
+/// The production server with the tiny real model, loaded.
 async fn loaded() -> Server {
-    let s = Server::start(Paint::default().loader(Duration::ZERO), NoUpscaler, &[]).await;
-    s.wait_status("healthy", Duration::from_secs(10)).await;
+    let s = Server::start_real(&[]).await;
+    s.wait_status("healthy", Duration::from_secs(60)).await;
     s
 }
 
@@ -189,12 +190,7 @@ async fn twenty_kinds_of_bad_body_give_422_with_the_right_loc() {
 
 #[tokio::test]
 async fn without_a_model_generate_is_503_and_health_unhealthy_but_422_still_first() {
-    let s = Server::start(
-        Paint::default().loader(Duration::ZERO),
-        NoUpscaler,
-        &["--preload-models", "false"],
-    )
-    .await;
+    let s = Server::start_real(&["--preload-models", "false"]).await;
     let h: Value = s
         .client
         .get(s.url("/health"))
@@ -295,7 +291,12 @@ async fn root_health_fields_and_request_id() {
         assert!(h.get(key).is_some(), "missing {key} in {h}");
     }
     assert_eq!(h["status"], "healthy");
-    assert_eq!(h["model_id"], "black-forest-labs/FLUX.2-klein-4B");
+    assert!(
+        h["model_id"]
+            .as_str()
+            .unwrap()
+            .ends_with("tests/fixtures/flux2/tiny-model")
+    );
     assert_eq!(h["quantization"], "none");
     // Without an incoming id the server makes one.
     let resp = s.client.get(s.url("/live")).send().await.unwrap();
@@ -376,4 +377,28 @@ async fn metrics_expose_queue_stages_and_outcomes() {
     ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
+}
+
+#[tokio::test]
+async fn a_model_that_fails_to_load_is_reported_not_served() {
+    let empty = tempfile::tempdir().unwrap();
+    let dir = empty.path().to_str().unwrap().to_string();
+    let s = Server::start_real(&["--model-id", &dir]).await;
+    s.wait_status("unhealthy", Duration::from_secs(30)).await;
+    let h: Value = s
+        .client
+        .get(s.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["flux_loaded"], false);
+    let err = h["error"].as_str().unwrap();
+    assert!(err.contains("model_index.json"), "{err}");
+    let resp = s.client.get(s.url("/ready")).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.json::<Value>().await.unwrap()["status"], "failed");
+    assert_eq!(s.post("/generate", ok_body()).await.status(), 503);
 }

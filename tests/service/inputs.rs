@@ -3,10 +3,8 @@
 
 use std::time::Duration;
 
-use imagegen::engine::NoUpscaler;
 use serde_json::{Value, json};
 
-use crate::backend::{Paint, TinyEsrgan};
 use crate::common::{Peer, Server};
 
 async fn upscale_error(s: &Server, image_url: &str, upload_url: &str) -> String {
@@ -25,12 +23,7 @@ async fn upscale_error(s: &Server, image_url: &str, upload_url: &str) -> String 
 #[tokio::test]
 async fn private_and_metadata_targets_are_refused_by_default() {
     // This server keeps the default policy: no loopback, private or link-local targets.
-    let s = Server::start(
-        Paint::default().loader(Duration::ZERO),
-        TinyEsrgan::default(),
-        &["--allow-private-urls", "false"],
-    )
-    .await;
+    let s = Server::start_real(&["--allow-private-urls", "false"]).await;
     let peer = Peer::start().await;
     let cases = [
         (peer.url("/ref.png"), "loopback"),
@@ -55,7 +48,7 @@ async fn private_and_metadata_targets_are_refused_by_default() {
         );
     }
     // Reference images go through the same guard.
-    s.wait_status("healthy", Duration::from_secs(10)).await;
+    s.wait_status("healthy", Duration::from_secs(60)).await;
     let v: Value = s
         .post(
             "/generate",
@@ -75,16 +68,14 @@ async fn private_and_metadata_targets_are_refused_by_default() {
 
 #[tokio::test]
 async fn caps_and_redirects() {
-    let s = Server::start(
-        None::<imagegen::engine::BackendLoader<Paint>>,
-        TinyEsrgan::default(),
-        &[
-            "--max-download-bytes",
-            "1000000",
-            "--max-input-pixels",
-            "1000000",
-        ],
-    )
+    let s = Server::start_real(&[
+        "--preload-models",
+        "false",
+        "--max-download-bytes",
+        "1000000",
+        "--max-input-pixels",
+        "1000000",
+    ])
     .await;
     let peer = Peer::start().await;
     let sink = peer.url("/record");
@@ -117,9 +108,11 @@ async fn caps_and_redirects() {
 }
 
 #[tokio::test]
-async fn an_unconfigured_upscaler_fails_the_item_not_the_server() {
-    let s = Server::start(Paint::default().loader(Duration::ZERO), NoUpscaler, &[]).await;
+async fn missing_upscaler_weights_fail_the_request_not_the_server() {
+    let s = Server::start_real(&["--upscaler-weights", "/nonexistent/missing.safetensors"]).await;
     let peer = Peer::start().await;
     let err = upscale_error(&s, &peer.url("/ref.png"), &peer.url("/record")).await;
-    assert!(err.contains("no upscaler"), "{err}");
+    assert!(err.contains("missing.safetensors"), "{err}");
+    let live = s.client.get(s.url("/live")).send().await.unwrap();
+    assert_eq!(live.status(), 200);
 }

@@ -245,3 +245,51 @@ async fn shutdown_cancels_work_that_outlasts_the_grace_period() {
         t.elapsed()
     );
 }
+
+/// The same with the real pipeline (tiny model): health answers while a real generation runs.
+#[tokio::test]
+async fn health_answers_during_a_real_generation() {
+    let s = Server::start_real(&[]).await;
+    s.wait_status("healthy", Duration::from_secs(60)).await;
+    let peer = Peer::start().await;
+    let job = tokio::spawn({
+        let (c, u) = (s.client.clone(), s.url("/generate"));
+        let b = json!({"prompts": ["a", "b"], "upload_urls": vec![peer.url("/record"); 2],
+                       "width": 256, "height": 256, "num_steps": 12, "seed": 3});
+        async move {
+            c.post(u)
+                .json(&b)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    });
+    wait_metric(&s, "imagegen_worker_busy", 1.0).await;
+    let t = Instant::now();
+    let h: Value = s
+        .client
+        .get(s.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let took = t.elapsed();
+    assert_eq!(h["status"], "healthy");
+    let still_busy = metric(&s, "imagegen_worker_busy").await == 1.0;
+    let v = job.await.unwrap();
+    assert_eq!(v["success"], true, "{v}");
+    eprintln!(
+        "/health took {took:?} while busy={still_busy}; inference per item {} ms",
+        v["results"][0]["timing_inference_ms"]
+    );
+    assert!(still_busy, "generation ended before /health was measured");
+    assert!(
+        took < Duration::from_secs(3),
+        "/health took {took:?} during generation"
+    );
+}
