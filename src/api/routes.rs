@@ -13,6 +13,7 @@ use image::RgbImage;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use super::AppState;
 use super::errors::ApiError;
@@ -336,14 +337,18 @@ pub async fn generate(
         let i = out.index;
         match out.result {
             Ok(item) => {
-                uploads.spawn(finish_item(
-                    app.clone(),
-                    i,
-                    item,
-                    req.upload_urls[i].clone(),
-                    req.output_format,
-                    base_seed + i as u64,
-                ));
+                // The task keeps the request's span, so its log lines carry the request id.
+                uploads.spawn(
+                    finish_item(
+                        app.clone(),
+                        i,
+                        item,
+                        req.upload_urls[i].clone(),
+                        req.output_format,
+                        base_seed + i as u64,
+                    )
+                    .instrument(tracing::Span::current()),
+                );
             }
             Err(e) => {
                 app.metrics.item("generate", e.kind());
