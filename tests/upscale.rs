@@ -232,6 +232,32 @@ fn real_x4plus_matches_the_reference() {
         tile_pad: 10,
         allow_download: false,
     };
+    // Raw network output (no clamp/round) against ncnn's fp32 forward.
+    let map = weights::load_tensors(opts.weights_file.as_ref().unwrap()).unwrap();
+    let net = Network::from_tensors(
+        &weights::detect_arch(&map).unwrap(),
+        map,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let t =
+        candle_core::safetensors::load(fix("x4plus_forward.safetensors"), &Device::Cpu).unwrap();
+    let y = net.forward(&t["input"]).unwrap();
+    let diff = (y - &t["output"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    println!("x4plus raw forward: max |candle - ncnn| = {diff:e}");
+    assert!(
+        diff < 1e-3,
+        "x4plus raw forward differs from ncnn by {diff}"
+    );
+
     let mut up = Upscaler::load(&opts, &Device::Cpu).unwrap();
     assert_eq!(up.netscale(), 4);
     let cases: Vec<_> = manifest()["cases"]
