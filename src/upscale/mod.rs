@@ -250,6 +250,7 @@ impl Upscaler {
             DType::F32
         };
         let net = Network::from_tensors(&arch, tensors, dtype, device).map_err(bad)?;
+        tracing::info!(model = opts.model.name(), path = %path.display(), ?arch, ?dtype, "loaded Real-ESRGAN");
         Self::from_network(net, device, opts.tile, opts.tile_pad).map(|mut u| {
             u.weights_path = path;
             u
@@ -364,6 +365,7 @@ impl Upscaler {
         h: u32,
         scale: u32,
     ) -> Result<Vec<u8>, UpscaleError> {
+        check_scale(scale)?;
         if w == 0 || h == 0 {
             return Err(UpscaleError::InvalidInput {
                 field: "image",
