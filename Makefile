@@ -60,3 +60,8 @@ $(QWEN3_TOKENIZER_DIR)/tokenizer.json:
 	scripts/fetch_qwen3_tokenizer.sh $(QWEN3_TOKENIZER_DIR)
 
 test-assets: qwen3-tokenizer
+
+.PHONY: bench-text-encoder
+bench-text-encoder: ## Qwen3 text encoder CPU forward, candle vs PyTorch side by side (parity venv)
+	$(CARGO) bench --bench text_encoder
+	$(PARITY_VENV)/bin/python benches/text_encoder_torch.py
