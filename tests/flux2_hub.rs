@@ -118,6 +118,7 @@ fn hub_download_with_token_then_offline_from_cache() {
         cache_dir: Some(cache.path().to_path_buf()),
         endpoint: Some(format!("http://{addr}")),
         offline: false,
+        list_timeout: None,
     };
 
     // Gated: without the token the hub answers 401 and nothing is cached.

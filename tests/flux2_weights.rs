@@ -200,7 +200,24 @@ fn unreachable_hub(cache: &Path) -> HubOptions {
         // Port 9 (discard) on loopback: connection refused, nothing leaves the machine.
         endpoint: Some("http://127.0.0.1:9".into()),
         offline: false,
+        list_timeout: None,
     }
+}
+
+#[test]
+fn silent_hub_times_out_instead_of_hanging() {
+    // Accepts connections (kernel backlog) but never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let opts = HubOptions {
+        endpoint: Some(format!("http://{}", silent.local_addr().unwrap())),
+        list_timeout: Some(std::time::Duration::from_millis(500)),
+        ..unreachable_hub(cache.path())
+    };
+    let t = std::time::Instant::now();
+    let err = ModelFiles::open_with("4B", opts).unwrap_err().to_string();
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+    assert!(err.contains("no answer within"), "{err}");
 }
 
 #[test]

@@ -108,6 +108,9 @@ pub struct HubOptions {
     pub endpoint: Option<String>,
     /// Never touch the network (`HF_HUB_OFFLINE=1`): cached files only.
     pub offline: bool,
+    /// How long listing the repo may take before the cache is used instead (`None`: 30 s), so
+    /// a network that drops packets cannot hang model loading.
+    pub list_timeout: Option<std::time::Duration>,
 }
 
 impl HubOptions {
@@ -120,6 +123,7 @@ impl HubOptions {
             cache_dir: None,
             endpoint: None,
             offline,
+            list_timeout: None,
         }
     }
 
@@ -191,9 +195,15 @@ impl ModelFiles {
             Err("offline mode (HF_HUB_OFFLINE)".to_string())
         } else {
             let (o, r) = (opts.clone(), repo.to_string());
+            let limit = opts
+                .list_timeout
+                .unwrap_or(std::time::Duration::from_secs(30));
             run_blocking(move || async move {
                 let api = build_api(&o)?;
-                let info = api.model(r).info().await.map_err(|e| e.to_string())?;
+                let info = tokio::time::timeout(limit, api.model(r).info())
+                    .await
+                    .map_err(|_| format!("no answer within {limit:?}"))?
+                    .map_err(|e| e.to_string())?;
                 Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
             })
         };
