@@ -454,6 +454,13 @@ impl Flux2Pipeline {
                 format!("{} tokens, the prompt has {}", neg.dim(1)?, embeds.dim(1)?),
             ));
         }
+        let cfg_embeds = match negative {
+            Some(neg) => Some(Tensor::cat(
+                &[&neg.to_dtype(self.dtype)?, &embeds.to_dtype(self.dtype)?],
+                0,
+            )?),
+            None => None,
+        };
         let sigmas = scheduler::sigmas(num_steps, n);
         for i in 0..num_steps {
             if cancelled() {
@@ -461,22 +468,29 @@ impl Flux2Pipeline {
             }
             // diffusers: t = σ·1000 (f32), passed as t / 1000.
             let ts = (sigmas[i] * 1000.0) / 1000.0;
-            let timestep = Tensor::new(&[ts], &self.device)?;
             let input = match &ref_tokens {
                 Some(r) => Tensor::cat(&[&latents, r], 1)?,
                 None => latents.clone(),
             };
-            let mut v = self
-                .transformer
-                .forward_with_rope(&input, embeds, &timestep, &rope)?
-                .narrow(1, 0, n)?;
-            if let Some(neg) = negative {
-                let vn = self
-                    .transformer
-                    .forward_with_rope(&input, neg, &timestep, &rope)?
-                    .narrow(1, 0, n)?;
-                v = (&vn + ((v - &vn)? * guidance_scale as f64)?)?;
-            }
+            let v = match &cfg_embeds {
+                // CFG: one batched pass over [uncond, cond] (BFL batches it the same way).
+                Some(both) => {
+                    let timestep = Tensor::new(&[ts, ts], &self.device)?;
+                    let input = Tensor::cat(&[&input, &input], 0)?;
+                    let out = self
+                        .transformer
+                        .forward_with_rope(&input, both, &timestep, &rope)?
+                        .narrow(1, 0, n)?;
+                    let (vn, vc) = (out.narrow(0, 0, 1)?, out.narrow(0, 1, 1)?);
+                    (&vn + ((vc - &vn)? * guidance_scale as f64)?)?
+                }
+                None => {
+                    let timestep = Tensor::new(&[ts], &self.device)?;
+                    self.transformer
+                        .forward_with_rope(&input, embeds, &timestep, &rope)?
+                        .narrow(1, 0, n)?
+                }
+            };
             latents = scheduler::euler_step(&latents, &v, sigmas[i], sigmas[i + 1])?;
         }
         Ok(latents)
