@@ -121,3 +121,17 @@ test-assets: qwen3-tokenizer
 bench-text-encoder: ## Qwen3 text encoder CPU forward, candle vs PyTorch side by side (parity venv)
 	$(CARGO) bench --bench text_encoder
 	$(PARITY_VENV)/bin/python benches/text_encoder_torch.py
+
+# --- flux-dit ---
+.PHONY: fixtures-flux2-dit
+# DiT/VAE/schedule/resize/full-pipeline parity fixtures (tests/fixtures/flux2/dit), from diffusers
+# on the tiny model that fixtures-flux2-text writes.
+fixtures-flux2-dit: parity-venv fixtures-flux2-text
+	$(PARITY_VENV)/bin/python scripts/parity/make_dit_fixtures.py
+
+fixtures: fixtures-flux2-dit
+
+.PHONY: bench-flux2-cpu
+bench-flux2-cpu: ## FLUX.2 transformer forward + VAE decode on CPU: candle vs PyTorch, same threads
+	$(CARGO) bench --bench flux2_cpu
+	$(PARITY_VENV)/bin/python benches/flux2_torch.py
