@@ -118,6 +118,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
 
+    /// Seconds to keep accepting requests after SIGTERM/SIGINT while `/ready` answers 503 (lets a
+    /// load balancer notice before the listener closes); new jobs get 503 meanwhile.
+    #[arg(long, env = "SHUTDOWN_DRAIN_DELAY_SECS", default_value_t = 0)]
+    pub shutdown_drain_delay_secs: u64,
+
     /// Real-ESRGAN weights cache folder (default `~/.cache/realesrgan`).
     #[arg(long, env = "UPSCALER_WEIGHTS_DIR")]
     pub upscaler_weights_dir: Option<PathBuf>,

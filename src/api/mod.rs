@@ -198,11 +198,14 @@ pub async fn run<B: ImageBackend, U: UpscaleBackend>(
     let app = router(state.clone(), args.max_body_bytes);
     let engine_state = engine.state().clone();
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain_delay = Duration::from_secs(args.shutdown_drain_delay_secs);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!("shutdown requested: draining (/ready now answers 503)");
         engine_state.start_draining();
         let _ = signalled_tx.send(());
+        // Keep the listener open a little so load balancers see /ready fail first.
+        tokio::time::sleep(drain_delay).await;
     });
     let grace = Duration::from_secs(args.shutdown_grace_secs);
     let engine_state = engine.state().clone();

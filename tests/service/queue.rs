@@ -293,3 +293,38 @@ async fn health_answers_during_a_real_generation() {
         "/health took {took:?} during generation"
     );
 }
+
+#[tokio::test]
+async fn while_draining_ready_fails_and_new_jobs_are_refused() {
+    let mut s = Server::start(
+        Paint::default().loader(Duration::ZERO),
+        NoUpscaler,
+        &["--shutdown-drain-delay-secs", "2"],
+    )
+    .await;
+    s.wait_status("healthy", Duration::from_secs(10)).await;
+    let peer = Peer::start().await;
+    assert_eq!(
+        s.client.get(s.url("/ready")).send().await.unwrap().status(),
+        200
+    );
+    s.shutdown();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let resp = s.client.get(s.url("/ready")).send().await.unwrap();
+        if resp.status() == 503 {
+            assert_eq!(resp.json::<Value>().await.unwrap()["status"], "draining");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/ready never failed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        s.client.get(s.url("/live")).send().await.unwrap().status(),
+        200
+    );
+    let resp = s.post("/generate", slow_body(&peer, 1)).await;
+    assert_eq!(resp.status(), 503);
+    let stopped = tokio::time::timeout(Duration::from_secs(10), s.handle.take().unwrap()).await;
+    assert!(stopped.expect("server stopped").unwrap().is_ok());
+}
