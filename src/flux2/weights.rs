@@ -1,0 +1,712 @@
+//! Where the model files come from and how they become `VarBuilder`s.
+//!
+//! `MODEL_ID` is a local diffusers directory, a hub repo id, or the shortcuts `4B` / `9B`.
+//! Hub files go through hf-hub into the standard cache (`HF_HOME`), cache first; a missing or
+//! unreachable file is an error that names the file and the fix.
+//!
+//! Transformer weights load from the diffusers `transformer/` folder or from a BFL single file
+//! (`flux-2-klein-*.safetensors`, optionally fp8 with scales); either way the model code sees
+//! diffusers names only ([`transformer_var_builder`]).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
+use hf_hub::{Cache, Repo, RepoType};
+
+use super::config::{ModelIndex, Qwen3Config};
+
+pub const DEFAULT_MODEL_ID: &str = "black-forest-labs/FLUX.2-klein-4B";
+pub const REPO_4B: &str = "black-forest-labs/FLUX.2-klein-4B";
+pub const REPO_9B: &str = "black-forest-labs/FLUX.2-klein-9B";
+
+const FIX_HUB: &str = "download it once with network access (it is cached under HF_HOME, by default ~/.cache/huggingface), \
+     set HF_TOKEN or HUGGING_FACE_TOKEN if the repo is gated and its licence accepted, \
+     or set MODEL_ID to a local diffusers directory that contains it";
+const FIX_LOCAL: &str = "MODEL_ID must be a FLUX.2-klein diffusers directory (model_index.json, tokenizer/, \
+     text_encoder/, transformer/, vae/), or a hub repo id / 4B / 9B";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    /// A file the model needs is not there; `file` is relative to the model root.
+    #[error("model file '{file}' not found in {location}: {fix}")]
+    MissingFile {
+        file: String,
+        location: String,
+        fix: String,
+    },
+    #[error("cannot reach the model hub for '{repo}' and nothing is cached under {cache}: {reason}. Fix: {fix}")]
+    Offline {
+        repo: String,
+        cache: String,
+        reason: String,
+        fix: String,
+    },
+    #[error("MODEL_ID '{0}' is neither an existing directory, a hub repo id (owner/name), 4B nor 9B")]
+    InvalidModelId(String),
+    #[error("cannot parse {file}: {message}")]
+    BadFile { file: String, message: String },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// What `MODEL_ID` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    Local(PathBuf),
+    Hub(String),
+}
+
+/// `4B`/`9B` shortcuts first (a directory called `4B` is reachable as `./4B`), then an existing
+/// directory, then `owner/name`.
+pub fn resolve_model_id(model_id: &str) -> Result<ModelSource, WeightsError> {
+    let id = model_id.trim();
+    match id.to_ascii_uppercase().as_str() {
+        "4B" => return Ok(ModelSource::Hub(REPO_4B.to_string())),
+        "9B" => return Ok(ModelSource::Hub(REPO_9B.to_string())),
+        _ => {}
+    }
+    let path = Path::new(id);
+    if path.is_dir() {
+        return Ok(ModelSource::Local(path.to_path_buf()));
+    }
+    let looks_like_path = id.starts_with('/') || id.starts_with('.') || id.starts_with('~');
+    let parts: Vec<&str> = id.split('/').collect();
+    let valid_part = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    if !looks_like_path && parts.len() == 2 && parts.iter().all(|p| valid_part(p)) {
+        return Ok(ModelSource::Hub(id.to_string()));
+    }
+    Err(WeightsError::InvalidModelId(model_id.to_string()))
+}
+
+/// `HUGGING_FACE_TOKEN`, else `HF_TOKEN` (hf-hub 0.4 reads neither by itself). Empty = unset.
+pub fn hf_token_from_env() -> Option<String> {
+    ["HUGGING_FACE_TOKEN", "HF_TOKEN"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok())
+        .find(|v| !v.trim().is_empty())
+}
+
+/// Hub access settings; [`HubOptions::from_env`] is what the service uses.
+#[derive(Debug, Clone, Default)]
+pub struct HubOptions {
+    pub token: Option<String>,
+    /// The HF cache (`$HF_HOME/hub`); `None` = hf-hub's default from the environment.
+    pub cache_dir: Option<PathBuf>,
+    /// `None` = `HF_ENDPOINT` or the public hub.
+    pub endpoint: Option<String>,
+    /// Never touch the network (`HF_HUB_OFFLINE=1`): cached files only.
+    pub offline: bool,
+}
+
+impl HubOptions {
+    pub fn from_env(token: Option<String>) -> Self {
+        let offline = std::env::var("HF_HUB_OFFLINE")
+            .map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes"))
+            .unwrap_or(false);
+        Self {
+            token,
+            cache_dir: None,
+            endpoint: None,
+            offline,
+        }
+    }
+
+    fn cache(&self) -> Cache {
+        match &self.cache_dir {
+            Some(dir) => Cache::new(dir.clone()),
+            None => Cache::from_env(),
+        }
+    }
+}
+
+enum Backing {
+    Local(PathBuf),
+    Hub {
+        repo: String,
+        opts: HubOptions,
+        /// Files cached locally (offline) or listed by the hub.
+        online: bool,
+    },
+}
+
+/// The files of one model, local or on the hub, with the list of what exists.
+pub struct ModelFiles {
+    id: String,
+    backing: Backing,
+    files: BTreeSet<String>,
+}
+
+impl std::fmt::Debug for ModelFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelFiles")
+            .field("id", &self.id)
+            .field("files", &self.files.len())
+            .finish()
+    }
+}
+
+impl ModelFiles {
+    /// Resolves `model_id` with hub settings from the environment (`HF_HOME`, `HF_ENDPOINT`,
+    /// `HF_HUB_OFFLINE`) and the given token.
+    pub fn open(model_id: &str, hf_token: Option<String>) -> Result<Self, WeightsError> {
+        Self::open_with(model_id, HubOptions::from_env(hf_token))
+    }
+
+    pub fn open_with(model_id: &str, opts: HubOptions) -> Result<Self, WeightsError> {
+        match resolve_model_id(model_id)? {
+            ModelSource::Local(dir) => Self::local(&dir),
+            ModelSource::Hub(repo) => Self::hub(&repo, opts),
+        }
+    }
+
+    pub fn local(dir: &Path) -> Result<Self, WeightsError> {
+        let mut files = BTreeSet::new();
+        list_dir(dir, dir, &mut files).map_err(|e| WeightsError::BadFile {
+            file: dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            id: dir.display().to_string(),
+            backing: Backing::Local(dir.to_path_buf()),
+            files,
+        })
+    }
+
+    fn hub(repo: &str, opts: HubOptions) -> Result<Self, WeightsError> {
+        let cache = opts.cache();
+        let cached = cached_files(&cache, repo);
+        let listed = if opts.offline {
+            Err("offline mode (HF_HUB_OFFLINE)".to_string())
+        } else {
+            let (o, r) = (opts.clone(), repo.to_string());
+            run_blocking(move || async move {
+                let api = build_api(&o)?;
+                let info = api.model(r).info().await.map_err(|e| e.to_string())?;
+                Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
+            })
+        };
+        let (files, online) = match (listed, cached) {
+            (Ok(files), _) => (files, true),
+            (Err(_), Some(files)) if !files.is_empty() => (files, false),
+            (Err(reason), _) => {
+                return Err(WeightsError::Offline {
+                    repo: repo.to_string(),
+                    cache: cache.path().display().to_string(),
+                    reason,
+                    fix: FIX_HUB.to_string(),
+                });
+            }
+        };
+        Ok(Self {
+            id: repo.to_string(),
+            backing: Backing::Hub {
+                repo: repo.to_string(),
+                opts,
+                online,
+            },
+            files,
+        })
+    }
+
+    /// The model id as given (directory or repo id).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn contains(&self, file: &str) -> bool {
+        self.files.contains(file)
+    }
+
+    /// Every file the model has (relative paths with `/`).
+    pub fn files(&self) -> impl Iterator<Item = &str> {
+        self.files.iter().map(String::as_str)
+    }
+
+    /// The local path of `file` (relative to the model root), downloading it if needed.
+    pub fn get(&self, file: &str) -> Result<PathBuf, WeightsError> {
+        if !self.files.contains(file) {
+            return Err(self.missing(file));
+        }
+        match &self.backing {
+            Backing::Local(dir) => Ok(dir.join(file)),
+            Backing::Hub { repo, opts, online } => {
+                if let Some(p) = opts.cache().model(repo.clone()).get(file) {
+                    return Ok(p);
+                }
+                if !*online {
+                    return Err(self.missing(file));
+                }
+                let (o, r, f) = (opts.clone(), repo.clone(), file.to_string());
+                run_blocking(move || async move {
+                    let api = build_api(&o)?;
+                    api.model(r).get(&f).await.map_err(|e| e.to_string())
+                })
+                .map_err(|reason| WeightsError::MissingFile {
+                    file: file.to_string(),
+                    location: format!("hub repo {repo} (download failed: {reason})"),
+                    fix: FIX_HUB.to_string(),
+                })
+            }
+        }
+    }
+
+    fn missing(&self, file: &str) -> WeightsError {
+        match &self.backing {
+            Backing::Local(dir) => WeightsError::MissingFile {
+                file: file.to_string(),
+                location: dir.display().to_string(),
+                fix: FIX_LOCAL.to_string(),
+            },
+            Backing::Hub { repo, online, .. } => WeightsError::MissingFile {
+                file: file.to_string(),
+                location: if *online {
+                    format!("hub repo {repo}")
+                } else {
+                    format!("the local cache of hub repo {repo} (hub unreachable)")
+                },
+                fix: FIX_HUB.to_string(),
+            },
+        }
+    }
+
+    pub fn read_json<T: serde::de::DeserializeOwned>(&self, file: &str) -> Result<T, WeightsError> {
+        let path = self.get(file)?;
+        let text = std::fs::read_to_string(&path).map_err(|e| WeightsError::BadFile {
+            file: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        serde_json::from_str(&text).map_err(|e| WeightsError::BadFile {
+            file: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn model_index(&self) -> Result<ModelIndex, WeightsError> {
+        self.read_json("model_index.json")
+    }
+
+    pub fn text_encoder_config(&self) -> Result<Qwen3Config, WeightsError> {
+        self.read_json("text_encoder/config.json")
+    }
+
+    /// The safetensors files of a diffusers component: the single file, or every shard listed
+    /// by the component's `*.safetensors.index.json`.
+    pub fn component_weight_files(&self, component: &str) -> Result<Vec<PathBuf>, WeightsError> {
+        for stem in ["diffusion_pytorch_model", "model"] {
+            let single = format!("{component}/{stem}.safetensors");
+            if self.contains(&single) {
+                return Ok(vec![self.get(&single)?]);
+            }
+            let index = format!("{component}/{stem}.safetensors.index.json");
+            if self.contains(&index) {
+                let idx: ShardIndex = self.read_json(&index)?;
+                let shards: BTreeSet<String> = idx.weight_map.into_values().collect();
+                return shards
+                    .iter()
+                    .map(|s| self.get(&format!("{component}/{s}")))
+                    .collect();
+            }
+        }
+        Err(self.missing(&format!(
+            "{component}/diffusion_pytorch_model.safetensors (or model.safetensors, or a sharded *.safetensors.index.json)"
+        )))
+    }
+
+    /// A `VarBuilder` over a diffusers component's weights (names as in its checkpoint).
+    pub fn component_var_builder(
+        &self,
+        component: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>, WeightsError> {
+        let files = self.component_weight_files(component)?;
+        // SAFETY: the files are memory-mapped read-only; candle's loader requires that they are
+        // not modified while mapped, which holds for model files we never write.
+        Ok(unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? })
+    }
+
+    /// The BFL single-file transformer at the model root, if any (`flux-2-klein*.safetensors`).
+    pub fn bfl_transformer_file(&self) -> Option<String> {
+        self.files
+            .iter()
+            .find(|f| !f.contains('/') && f.starts_with("flux-2") && f.ends_with(".safetensors"))
+            .cloned()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+fn list_dir(root: &Path, dir: &Path, out: &mut BTreeSet<String>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if path.is_dir() {
+            list_dir(root, &path, out)?;
+        } else if let Ok(rel) = path.strip_prefix(root) {
+            let rel: Vec<String> = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            out.insert(rel.join("/"));
+        }
+    }
+    Ok(())
+}
+
+/// Files of the cached snapshot that `refs/main` points at, if the repo is in the cache.
+fn cached_files(cache: &Cache, repo: &str) -> Option<BTreeSet<String>> {
+    let r = Repo::new(repo.to_string(), RepoType::Model);
+    let repo_dir = cache.path().join(r.folder_name());
+    let commit = std::fs::read_to_string(repo_dir.join("refs").join(r.revision())).ok()?;
+    let snapshot = repo_dir.join("snapshots").join(commit.trim());
+    let mut files = BTreeSet::new();
+    list_dir(&snapshot, &snapshot, &mut files).ok()?;
+    Some(files)
+}
+
+fn build_api(opts: &HubOptions) -> Result<hf_hub::api::tokio::Api, String> {
+    let mut b = hf_hub::api::tokio::ApiBuilder::from_cache(opts.cache()).with_progress(false);
+    if let Ok(ep) = std::env::var("HF_ENDPOINT") {
+        b = b.with_endpoint(ep);
+    }
+    if let Some(ep) = &opts.endpoint {
+        b = b.with_endpoint(ep.clone());
+    }
+    if let Some(t) = &opts.token {
+        b = b.with_token(Some(t.clone()));
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
+/// Runs an async hub call to completion from sync code, on its own thread and runtime, so it
+/// works whether or not the caller is inside a tokio runtime.
+fn run_blocking<T, F, Fut>(f: F) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(f())
+    })
+    .join()
+    .map_err(|_| "hub download thread panicked".to_string())?
+}
+
+// ------------------------------------------------------------------------------------------
+// Transformer weights: diffusers folder or BFL single file, seen through diffusers names.
+
+/// Which layout the transformer weights came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransformerFormat {
+    Diffusers,
+    /// BFL single file; `fp8` when its Linears are F8_E4M3 with scales.
+    Bfl { fp8: bool },
+}
+
+/// The transformer's weights under **diffusers names** whatever the file layout: the diffusers
+/// `transformer/` folder if present, else the BFL single file at the model root. Quantization is
+/// applied later, per Linear, by [`super::quant::linear_no_bias`].
+pub fn transformer_var_builder(
+    files: &ModelFiles,
+    dtype: DType,
+    device: &Device,
+) -> Result<(VarBuilder<'static>, TransformerFormat), WeightsError> {
+    match files.component_weight_files("transformer") {
+        Ok(paths) => {
+            // SAFETY: read-only memory map of model files (see component_var_builder).
+            let vb = unsafe { VarBuilder::from_mmaped_safetensors(&paths, dtype, device)? };
+            Ok((vb, TransformerFormat::Diffusers))
+        }
+        Err(e) => match files.bfl_transformer_file() {
+            Some(f) => {
+                let path = files.get(&f)?;
+                let (vb, fp8) = bfl_var_builder(&path, dtype, device)?;
+                Ok((vb, TransformerFormat::Bfl { fp8 }))
+            }
+            None => Err(e),
+        },
+    }
+}
+
+/// A `VarBuilder` that serves a BFL-format single-file transformer under diffusers names:
+/// fused qkv split into q/k/v, `linear1`/`linear2` and `*.scale` renamed, the final layer's
+/// [shift; scale] rows swapped to diffusers' [scale; shift], and fp8 weights multiplied by their
+/// `weight_scale` (or `scale_weight`). A `model.diffusion_model.` prefix is accepted. Returns
+/// whether the file had scaled (fp8) weights.
+pub fn bfl_var_builder(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(VarBuilder<'static>, bool), WeightsError> {
+    // SAFETY: read-only memory map of a model file.
+    let st = unsafe { MmapedSafetensors::new(path)? };
+    let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    let prefix = if names.iter().any(|n| n == "model.diffusion_model.img_in.weight") {
+        "model.diffusion_model.".to_string()
+    } else if names.iter().any(|n| n == "img_in.weight") {
+        String::new()
+    } else {
+        return Err(WeightsError::BadFile {
+            file: path.display().to_string(),
+            message: "not a BFL FLUX.2 transformer (no img_in.weight)".into(),
+        });
+    };
+    let fp8 = names
+        .iter()
+        .any(|n| n.ends_with(".weight_scale") || n.ends_with(".scale_weight"));
+    let backend = BflBackend { st, prefix };
+    Ok((VarBuilder::from_backend(Box::new(backend), dtype, device.clone()), fp8))
+}
+
+/// How one diffusers tensor is made from the BFL file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BflSource {
+    Direct(String),
+    /// Part `index` of `parts` equal chunks along dim 0 (fused qkv).
+    Chunk(String, usize, usize),
+    /// Rows [a; b] become [b; a] (final layer modulation).
+    SwapHalves(String),
+}
+
+/// diffusers name -> BFL source (the inverse of diffusers' single-file converter).
+fn bfl_source(name: &str) -> Option<BflSource> {
+    use BflSource::*;
+    let top = [
+        ("x_embedder.weight", "img_in.weight"),
+        ("context_embedder.weight", "txt_in.weight"),
+        (
+            "time_guidance_embed.timestep_embedder.linear_1.weight",
+            "time_in.in_layer.weight",
+        ),
+        (
+            "time_guidance_embed.timestep_embedder.linear_2.weight",
+            "time_in.out_layer.weight",
+        ),
+        (
+            "time_guidance_embed.guidance_embedder.linear_1.weight",
+            "guidance_in.in_layer.weight",
+        ),
+        (
+            "time_guidance_embed.guidance_embedder.linear_2.weight",
+            "guidance_in.out_layer.weight",
+        ),
+        (
+            "double_stream_modulation_img.linear.weight",
+            "double_stream_modulation_img.lin.weight",
+        ),
+        (
+            "double_stream_modulation_txt.linear.weight",
+            "double_stream_modulation_txt.lin.weight",
+        ),
+        (
+            "single_stream_modulation.linear.weight",
+            "single_stream_modulation.lin.weight",
+        ),
+        ("proj_out.weight", "final_layer.linear.weight"),
+    ];
+    if let Some((_, b)) = top.iter().find(|(d, _)| *d == name) {
+        return Some(Direct(b.to_string()));
+    }
+    if name == "norm_out.linear.weight" {
+        return Some(SwapHalves("final_layer.adaLN_modulation.1.weight".into()));
+    }
+    if let Some(rest) = name.strip_prefix("transformer_blocks.") {
+        let (i, within) = rest.split_once('.')?;
+        let p = format!("double_blocks.{i}.");
+        let src = match within {
+            "attn.to_q.weight" => Chunk(p + "img_attn.qkv.weight", 0, 3),
+            "attn.to_k.weight" => Chunk(p + "img_attn.qkv.weight", 1, 3),
+            "attn.to_v.weight" => Chunk(p + "img_attn.qkv.weight", 2, 3),
+            "attn.add_q_proj.weight" => Chunk(p + "txt_attn.qkv.weight", 0, 3),
+            "attn.add_k_proj.weight" => Chunk(p + "txt_attn.qkv.weight", 1, 3),
+            "attn.add_v_proj.weight" => Chunk(p + "txt_attn.qkv.weight", 2, 3),
+            "attn.norm_q.weight" => Direct(p + "img_attn.norm.query_norm.scale"),
+            "attn.norm_k.weight" => Direct(p + "img_attn.norm.key_norm.scale"),
+            "attn.norm_added_q.weight" => Direct(p + "txt_attn.norm.query_norm.scale"),
+            "attn.norm_added_k.weight" => Direct(p + "txt_attn.norm.key_norm.scale"),
+            "attn.to_out.0.weight" => Direct(p + "img_attn.proj.weight"),
+            "attn.to_add_out.weight" => Direct(p + "txt_attn.proj.weight"),
+            "ff.linear_in.weight" => Direct(p + "img_mlp.0.weight"),
+            "ff.linear_out.weight" => Direct(p + "img_mlp.2.weight"),
+            "ff_context.linear_in.weight" => Direct(p + "txt_mlp.0.weight"),
+            "ff_context.linear_out.weight" => Direct(p + "txt_mlp.2.weight"),
+            _ => return None,
+        };
+        return Some(src);
+    }
+    if let Some(rest) = name.strip_prefix("single_transformer_blocks.") {
+        let (i, within) = rest.split_once('.')?;
+        let p = format!("single_blocks.{i}.");
+        let src = match within {
+            "attn.to_qkv_mlp_proj.weight" => Direct(p + "linear1.weight"),
+            "attn.to_out.weight" => Direct(p + "linear2.weight"),
+            "attn.norm_q.weight" => Direct(p + "norm.query_norm.scale"),
+            "attn.norm_k.weight" => Direct(p + "norm.key_norm.scale"),
+            _ => return None,
+        };
+        return Some(src);
+    }
+    None
+}
+
+struct BflBackend {
+    st: MmapedSafetensors,
+    prefix: String,
+}
+
+impl BflBackend {
+    fn has(&self, bfl: &str) -> bool {
+        self.st.get(&format!("{}{bfl}", self.prefix)).is_ok()
+    }
+
+    /// Loads a BFL tensor in f32 with its fp8 scale applied, if it has one.
+    fn load_dequantized(&self, bfl: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        let full = format!("{}{bfl}", self.prefix);
+        let t = self.st.load(&full, dev)?;
+        let Some(base) = full.strip_suffix(".weight") else {
+            return t.to_dtype(DType::F32);
+        };
+        let scale_name = [format!("{base}.weight_scale"), format!("{base}.scale_weight")]
+            .into_iter()
+            .find(|n| self.st.get(n).is_ok());
+        let t32 = t.to_dtype(DType::F32)?;
+        match scale_name {
+            None => Ok(t32),
+            Some(n) => {
+                let s = self.st.load(&n, dev)?.to_dtype(DType::F32)?;
+                let out = t32.dim(0)?;
+                let s = match s.elem_count() {
+                    1 => s.flatten_all()?.reshape((1, 1))?,
+                    n if n == out => s.reshape((out, 1))?,
+                    n => candle_core::bail!("{full}: scale has {n} elements, expected 1 or {out}"),
+                };
+                t32.broadcast_mul(&s)
+            }
+        }
+    }
+}
+
+impl SimpleBackend for BflBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "shape mismatch for {name} (from the BFL file): expected {s:?}, got {:?}",
+                t.shape()
+            );
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let src = bfl_source(name)
+            .ok_or_else(|| candle_core::Error::msg(format!("no BFL tensor maps to {name}")))?;
+        let t = match &src {
+            BflSource::Direct(b) => self.load_dequantized(b, dev)?,
+            BflSource::Chunk(b, i, n) => {
+                let full = self.load_dequantized(b, dev)?;
+                let rows = full.dim(0)?;
+                if rows % n != 0 {
+                    candle_core::bail!("{b}: {rows} rows do not split into {n}");
+                }
+                full.narrow(0, i * rows / n, rows / n)?.contiguous()?
+            }
+            BflSource::SwapHalves(b) => {
+                let full = self.load_dequantized(b, dev)?;
+                let half = full.dim(0)? / 2;
+                Tensor::cat(&[full.narrow(0, half, half)?, full.narrow(0, 0, half)?], 0)?
+            }
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        match bfl_source(name) {
+            Some(BflSource::Direct(b) | BflSource::Chunk(b, _, _) | BflSource::SwapHalves(b)) => {
+                self.has(&b)
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shortcuts_and_repo_ids() {
+        assert_eq!(
+            resolve_model_id("4B").unwrap(),
+            ModelSource::Hub(REPO_4B.into())
+        );
+        assert_eq!(
+            resolve_model_id("9b").unwrap(),
+            ModelSource::Hub(REPO_9B.into())
+        );
+        assert_eq!(
+            resolve_model_id(DEFAULT_MODEL_ID).unwrap(),
+            ModelSource::Hub("black-forest-labs/FLUX.2-klein-4B".into())
+        );
+        assert_eq!(
+            resolve_model_id("someone/my-klein_v2.1").unwrap(),
+            ModelSource::Hub("someone/my-klein_v2.1".into())
+        );
+        for bad in ["", "just-a-name", "a/b/c", "/no/such/dir", "./missing", "a b/c"] {
+            assert!(
+                matches!(resolve_model_id(bad), Err(WeightsError::InvalidModelId(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn existing_directory_is_local() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().to_str().unwrap();
+        assert_eq!(
+            resolve_model_id(p).unwrap(),
+            ModelSource::Local(dir.path().to_path_buf())
+        );
+    }
+
+    #[test]
+    fn bfl_mapping_covers_the_block_names() {
+        assert_eq!(
+            bfl_source("transformer_blocks.3.attn.add_v_proj.weight"),
+            Some(BflSource::Chunk("double_blocks.3.txt_attn.qkv.weight".into(), 2, 3))
+        );
+        assert_eq!(
+            bfl_source("single_transformer_blocks.11.attn.norm_k.weight"),
+            Some(BflSource::Direct("single_blocks.11.norm.key_norm.scale".into()))
+        );
+        assert_eq!(
+            bfl_source("norm_out.linear.weight"),
+            Some(BflSource::SwapHalves("final_layer.adaLN_modulation.1.weight".into()))
+        );
+        assert_eq!(bfl_source("transformer_blocks.0.attn.unknown.weight"), None);
+    }
+}

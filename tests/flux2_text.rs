@@ -1,0 +1,203 @@
+//! Parity of the FLUX.2-klein text side (tokenizer + Qwen3 encoder) with the reference
+//! (transformers + diffusers `Flux2KleinPipeline`), on the tiny random-weight model.
+//! Fixtures: tests/fixtures/flux2/README.md.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use imagegen::flux2::text_encoder::Qwen3TextEncoder;
+use imagegen::flux2::tokenizer::{MAX_LENGTH, PromptTokenizer};
+use imagegen::flux2::weights::ModelFiles;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux2")
+}
+
+#[derive(serde::Deserialize)]
+struct TextFixture {
+    pad_token_id: u32,
+    hidden_size: usize,
+    prompts: Vec<PromptFixture>,
+}
+
+#[derive(serde::Deserialize)]
+struct PromptFixture {
+    name: String,
+    prompt: String,
+    num_tokens: usize,
+    input_ids: Vec<u32>,
+    attention_mask: Vec<u32>,
+    embeds: Option<String>,
+}
+
+fn text_fixture() -> TextFixture {
+    let s = std::fs::read_to_string(fixtures().join("text_encoder.json")).unwrap();
+    serde_json::from_str(&s).unwrap()
+}
+
+fn load_encoder(model_dir: &Path) -> (PromptTokenizer, Qwen3TextEncoder) {
+    let files = ModelFiles::local(model_dir).unwrap();
+    let tok = PromptTokenizer::from_dir(&model_dir.join("tokenizer")).unwrap();
+    let cfg = files.text_encoder_config().unwrap();
+    let vb = files
+        .component_var_builder("text_encoder", DType::F32, &Device::Cpu)
+        .unwrap();
+    let enc = Qwen3TextEncoder::new(&cfg, vb, MAX_LENGTH).unwrap();
+    (tok, enc)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn tokenizer_matches_transformers_exactly() {
+    let fx = text_fixture();
+    let tok = PromptTokenizer::from_dir(&fixtures().join("tiny-model/tokenizer")).unwrap();
+    assert_eq!(tok.pad_id(), fx.pad_token_id, "pad id looked up by name");
+    assert!(fx.prompts.len() >= 5);
+    for p in &fx.prompts {
+        let e = tok.encode(&p.prompt).unwrap();
+        assert_eq!(e.input_ids, p.input_ids, "ids of prompt '{}'", p.name);
+        assert_eq!(e.attention_mask, p.attention_mask, "mask of '{}'", p.name);
+        assert_eq!(e.num_tokens, p.num_tokens, "'{}'", p.name);
+    }
+    let long = fx.prompts.iter().find(|p| p.name == "long").unwrap();
+    assert_eq!(long.num_tokens, MAX_LENGTH, "the long prompt is truncated");
+}
+
+#[derive(serde::Deserialize)]
+struct RealTokenizerFixture {
+    tokenizer_json_sha256: String,
+    pad_token_id: u32,
+    prompts: Vec<RealPrompt>,
+}
+
+#[derive(serde::Deserialize)]
+struct RealPrompt {
+    name: String,
+    prompt: String,
+    num_tokens: usize,
+    input_ids: Vec<u32>,
+}
+
+/// The real Qwen3 tokenizer (151,936 entries) against transformers' ids. The file comes from
+/// `make test-assets` (sha256-checked); `QWEN3_TOKENIZER_DIR` overrides the location.
+#[test]
+fn real_qwen3_tokenizer_matches_transformers() {
+    use sha2::Digest;
+    let fx: RealTokenizerFixture = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("qwen3_tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = std::env::var_os("QWEN3_TOKENIZER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/test-assets/qwen3-tokenizer")
+        });
+    let json = dir.join("tokenizer.json");
+    let bytes = std::fs::read(&json).unwrap_or_else(|e| {
+        panic!(
+            "{} missing ({e}): run `make test-assets` (or `make qwen3-tokenizer`)",
+            json.display()
+        )
+    });
+    let sha = format!("{:x}", sha2::Sha256::digest(&bytes));
+    assert_eq!(sha, fx.tokenizer_json_sha256, "unexpected tokenizer.json");
+
+    let tok = PromptTokenizer::from_dir(&dir).unwrap();
+    assert_eq!(tok.pad_id(), 151643);
+    assert_eq!(tok.pad_id(), fx.pad_token_id);
+    for p in &fx.prompts {
+        let e = tok.encode(&p.prompt).unwrap();
+        assert_eq!(e.num_tokens, p.num_tokens, "'{}'", p.name);
+        assert_eq!(&e.input_ids[..p.num_tokens], &p.input_ids[..], "'{}'", p.name);
+        assert!(e.input_ids[p.num_tokens..].iter().all(|&i| i == 151643));
+        assert!(e.attention_mask[..p.num_tokens].iter().all(|&m| m == 1));
+        assert!(e.attention_mask[p.num_tokens..].iter().all(|&m| m == 0));
+    }
+}
+
+#[test]
+fn text_encoder_matches_diffusers_embeddings() {
+    let fx = text_fixture();
+    let (tok, enc) = load_encoder(&fixtures().join("tiny-model"));
+    assert_eq!(enc.num_layers_loaded(), 27, "only layers up to 27 are loaded");
+    assert_eq!(enc.output_dim(), 3 * fx.hidden_size);
+    let want = candle_core::safetensors::load(fixtures().join("text_encoder.safetensors"), &Device::Cpu)
+        .unwrap();
+    let with_embeds: Vec<&PromptFixture> =
+        fx.prompts.iter().filter(|p| p.embeds.is_some()).collect();
+    assert!(with_embeds.len() >= 4);
+    // One batch through the encoder: also proves prompts do not leak into each other.
+    let prompts: Vec<&str> = with_embeds.iter().map(|p| p.prompt.as_str()).collect();
+    let (ids, mask) = tok.encode_batch(&prompts, &Device::Cpu).unwrap();
+    let got = enc.forward(&ids, &mask).unwrap();
+    assert_eq!(got.dims(), &[prompts.len(), MAX_LENGTH, 3 * fx.hidden_size]);
+    for (i, p) in with_embeds.iter().enumerate() {
+        let w = &want[p.embeds.as_ref().unwrap()];
+        let g = got.narrow(0, i, 1).unwrap();
+        let d = max_abs_diff(&g, w);
+        eprintln!("prompt {}: max abs diff {d:e}", p.name);
+        assert!(d <= 1e-4, "prompt '{}': max abs diff {d}", p.name);
+    }
+}
+
+#[test]
+fn embeddings_are_sensitive_to_the_prompt() {
+    let fx = text_fixture();
+    let (tok, enc) = load_encoder(&fixtures().join("tiny-model"));
+    let want = candle_core::safetensors::load(fixtures().join("text_encoder.safetensors"), &Device::Cpu)
+        .unwrap();
+    let normal = fx.prompts.iter().find(|p| p.name == "normal").unwrap();
+    // One word changed.
+    let other = normal.prompt.replace("sunrise", "sunset");
+    assert_ne!(other, normal.prompt);
+    let (ids, mask) = tok.encode_batch(&[other.as_str()], &Device::Cpu).unwrap();
+    let got = enc.forward(&ids, &mask).unwrap();
+    let d = max_abs_diff(&got, &want["prompt_embeds.normal"]);
+    eprintln!("sensitivity: max abs change {d}");
+    assert!(d > 0.1, "embeddings moved by only {d} (tolerance is 1e-4)");
+}
+
+#[test]
+fn sharded_text_encoder_loads_the_same_tensors() {
+    let single = ModelFiles::local(&fixtures().join("tiny-model")).unwrap();
+    let sharded = ModelFiles::local(&fixtures().join("tiny-model-sharded")).unwrap();
+    let shard_files = sharded.component_weight_files("text_encoder").unwrap();
+    assert_eq!(shard_files.len(), 2, "{shard_files:?}");
+    let a = single
+        .component_var_builder("text_encoder", DType::F32, &Device::Cpu)
+        .unwrap();
+    let b = sharded
+        .component_var_builder("text_encoder", DType::F32, &Device::Cpu)
+        .unwrap();
+    let cfg = single.text_encoder_config().unwrap();
+    // A tensor from each shard (the index splits the sorted names in two halves).
+    for name in [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.26.mlp.down_proj.weight",
+        "model.norm.weight",
+    ] {
+        let ta = a.get_unchecked_dtype(name, DType::F32).unwrap();
+        let tb = b.get_unchecked_dtype(name, DType::F32).unwrap();
+        assert_eq!(max_abs_diff(&ta, &tb), 0.0, "{name}");
+    }
+    let (tok, enc) = load_encoder(&fixtures().join("tiny-model-sharded"));
+    let (ids, mask) = tok.encode_batch(&["a red fox"], &Device::Cpu).unwrap();
+    let (_, enc1) = load_encoder(&fixtures().join("tiny-model"));
+    let d = max_abs_diff(
+        &enc.forward(&ids, &mask).unwrap(),
+        &enc1.forward(&ids, &mask).unwrap(),
+    );
+    assert_eq!(d, 0.0);
+    assert_eq!(cfg.num_hidden_layers, 28);
+}
