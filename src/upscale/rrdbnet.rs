@@ -1,0 +1,181 @@
+//! BasicSR `RRDBNet` (RealESRGAN_x4plus, RealESRGAN_x2plus, anime_6B).
+//!
+//! The trunk always upsamples ×4; scale 2 and 1 feed it a pixel-unshuffled input, which is how
+//! the official x2plus checkpoint works. Names mirror the BasicSR state dict.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+
+/// Hyper-parameters of `RRDBNet(num_in_ch, num_out_ch, scale, num_feat, num_block, num_grow_ch)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RrdbConfig {
+    pub num_in_ch: usize,
+    pub num_out_ch: usize,
+    pub scale: usize,
+    pub num_feat: usize,
+    pub num_block: usize,
+    pub num_grow_ch: usize,
+}
+
+impl RrdbConfig {
+    /// RealESRGAN_x4plus.
+    pub fn x4plus() -> Self {
+        Self {
+            num_in_ch: 3,
+            num_out_ch: 3,
+            scale: 4,
+            num_feat: 64,
+            num_block: 23,
+            num_grow_ch: 32,
+        }
+    }
+
+    /// RealESRGAN_x2plus (same trunk, pixel-unshuffle input).
+    pub fn x2plus() -> Self {
+        Self {
+            scale: 2,
+            ..Self::x4plus()
+        }
+    }
+
+    /// Pixel-unshuffle factor applied before `conv_first` (1 means none).
+    pub fn unshuffle(&self) -> usize {
+        match self.scale {
+            2 => 2,
+            1 => 4,
+            _ => 1,
+        }
+    }
+}
+
+pub(crate) fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    candle_nn::conv2d(in_c, out_c, 3, cfg, vb)
+}
+
+fn lrelu(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::leaky_relu(x, 0.2)
+}
+
+#[derive(Debug, Clone)]
+struct ResidualDenseBlock {
+    convs: [Conv2d; 5],
+}
+
+impl ResidualDenseBlock {
+    fn new(num_feat: usize, grow: usize, vb: VarBuilder) -> Result<Self> {
+        let c = |i: usize, out: usize| {
+            conv3x3(num_feat + (i - 1) * grow, out, vb.pp(format!("conv{i}")))
+        };
+        Ok(Self {
+            convs: [
+                c(1, grow)?,
+                c(2, grow)?,
+                c(3, grow)?,
+                c(4, grow)?,
+                c(5, num_feat)?,
+            ],
+        })
+    }
+}
+
+impl Module for ResidualDenseBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Concatenation order (x, x1, x2, ...) is what the checkpoint's in-channels assume.
+        let mut feats = vec![x.clone()];
+        for conv in &self.convs[..4] {
+            let input = Tensor::cat(&feats, 1)?;
+            feats.push(lrelu(&conv.forward(&input)?)?);
+        }
+        let x5 = self.convs[4].forward(&Tensor::cat(&feats, 1)?)?;
+        (x5 * 0.2)? + x
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Rrdb {
+    rdb: [ResidualDenseBlock; 3],
+}
+
+impl Rrdb {
+    fn new(num_feat: usize, grow: usize, vb: VarBuilder) -> Result<Self> {
+        let r = |i: usize| ResidualDenseBlock::new(num_feat, grow, vb.pp(format!("rdb{i}")));
+        Ok(Self {
+            rdb: [r(1)?, r(2)?, r(3)?],
+        })
+    }
+}
+
+impl Module for Rrdb {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let out = self.rdb[2].forward(&self.rdb[1].forward(&self.rdb[0].forward(x)?)?)?;
+        (out * 0.2)? + x
+    }
+}
+
+/// The network; `forward` maps `(1, 3, h, w)` in [0,1] to `(1, 3, h·scale, w·scale)`, unclamped.
+#[derive(Debug, Clone)]
+pub struct RrdbNet {
+    cfg: RrdbConfig,
+    conv_first: Conv2d,
+    body: Vec<Rrdb>,
+    conv_body: Conv2d,
+    conv_up1: Conv2d,
+    conv_up2: Conv2d,
+    conv_hr: Conv2d,
+    conv_last: Conv2d,
+}
+
+impl RrdbNet {
+    pub fn new(cfg: &RrdbConfig, vb: VarBuilder) -> Result<Self> {
+        let u = cfg.unshuffle();
+        let nf = cfg.num_feat;
+        let conv_first = conv3x3(cfg.num_in_ch * u * u, nf, vb.pp("conv_first"))?;
+        let body = (0..cfg.num_block)
+            .map(|i| Rrdb::new(nf, cfg.num_grow_ch, vb.pp(format!("body.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            conv_first,
+            body,
+            conv_body: conv3x3(nf, nf, vb.pp("conv_body"))?,
+            conv_up1: conv3x3(nf, nf, vb.pp("conv_up1"))?,
+            conv_up2: conv3x3(nf, nf, vb.pp("conv_up2"))?,
+            conv_hr: conv3x3(nf, nf, vb.pp("conv_hr"))?,
+            conv_last: conv3x3(nf, cfg.num_out_ch, vb.pp("conv_last"))?,
+        })
+    }
+
+    pub fn config(&self) -> &RrdbConfig {
+        &self.cfg
+    }
+}
+
+fn up2(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    x.upsample_nearest2d(2 * h, 2 * w)
+}
+
+impl Module for RrdbNet {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let u = self.cfg.unshuffle();
+        let x = if u > 1 {
+            candle_nn::ops::pixel_unshuffle(x, u)?
+        } else {
+            x.clone()
+        };
+        let feat = self.conv_first.forward(&x)?;
+        let mut body = feat.clone();
+        for block in &self.body {
+            body = block.forward(&body)?;
+        }
+        let feat = (feat + self.conv_body.forward(&body)?)?;
+        let feat = lrelu(&self.conv_up1.forward(&up2(&feat)?)?)?;
+        let feat = lrelu(&self.conv_up2.forward(&up2(&feat)?)?)?;
+        self.conv_last
+            .forward(&lrelu(&self.conv_hr.forward(&feat)?)?)
+    }
+}
