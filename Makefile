@@ -77,6 +77,8 @@ bench-upscale:
 	$(CARGO) bench --bench upscale
 	$(PARITY_VENV)/bin/python benches/upscale_torch.py
 
+
+
 # --- flux-text ---
 # Parity venv (PyTorch, diffusers, transformers) for fixture generation only.
 PARITY_VENV ?= /work/venvs/parity
@@ -90,6 +92,7 @@ parity-venv: ## create/check the PyTorch venv used to generate parity fixtures
 fixtures-flux2-text: parity-venv qwen3-tokenizer
 	$(PARITY_VENV)/bin/python scripts/parity/make_tiny_model.py
 	$(PARITY_VENV)/bin/python scripts/parity/make_text_fixtures.py --qwen3-tokenizer $(QWEN3_TOKENIZER_DIR)
+	$(PARITY_VENV)/bin/python scripts/parity/make_manifests.py
 
 fixtures: fixtures-flux2-text
 
@@ -99,6 +102,20 @@ $(QWEN3_TOKENIZER_DIR)/tokenizer.json:
 	scripts/fetch_qwen3_tokenizer.sh $(QWEN3_TOKENIZER_DIR)
 
 test-assets: qwen3-tokenizer
+
+# --- flux-dit ---
+.PHONY: fixtures-flux2-dit
+# DiT/VAE/schedule/resize/full-pipeline parity fixtures (tests/fixtures/flux2/dit), from diffusers
+# on the tiny model that fixtures-flux2-text writes.
+fixtures-flux2-dit: parity-venv fixtures-flux2-text
+	$(PARITY_VENV)/bin/python scripts/parity/make_dit_fixtures.py
+
+fixtures: fixtures-flux2-dit
+
+.PHONY: bench-flux2-cpu
+bench-flux2-cpu: ## FLUX.2 transformer forward + VAE decode on CPU: candle vs PyTorch, same threads
+	$(CARGO) bench --bench flux2_cpu
+	$(PARITY_VENV)/bin/python benches/flux2_torch.py
 
 # --- ship ---
 # CUDA build, container/CI linting, live API smoke test. Tools live in ignored venvs.

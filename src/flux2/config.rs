@@ -70,7 +70,9 @@ impl Qwen3Config {
             ));
         }
         if self.attention_bias {
-            return Err("text_encoder attention_bias=true is not supported (Qwen3 has none)".into());
+            return Err(
+                "text_encoder attention_bias=true is not supported (Qwen3 has none)".into(),
+            );
         }
         if let Some(t) = self
             .rope_parameters
@@ -82,7 +84,11 @@ impl Qwen3Config {
                 "text_encoder rope_type '{t}' is not supported (expected default)"
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if self.num_key_value_heads == 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(format!(
                 "text_encoder num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
@@ -136,10 +142,9 @@ mod tests {
         let base: ModelIndex =
             serde_json::from_str(r#"{"_class_name":"Flux2KleinPipeline"}"#).unwrap();
         assert!(!base.is_distilled);
-        let klein: ModelIndex = serde_json::from_str(
-            r#"{"_class_name":"Flux2KleinPipeline","is_distilled":true}"#,
-        )
-        .unwrap();
+        let klein: ModelIndex =
+            serde_json::from_str(r#"{"_class_name":"Flux2KleinPipeline","is_distilled":true}"#)
+                .unwrap();
         assert!(klein.is_distilled);
     }
 }

@@ -3,9 +3,15 @@
 //! Module names mirror the diffusers components; `VarBuilder` paths mirror checkpoint names.
 
 pub mod config;
+pub mod pipeline;
 pub mod quant;
+pub mod reference;
+pub mod rng;
+pub mod scheduler;
 pub mod text_encoder;
 pub mod tokenizer;
+pub mod transformer;
+pub mod vae;
 pub mod weights;
 
 pub use quant::Quantization;

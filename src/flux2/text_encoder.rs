@@ -10,6 +10,8 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear_no_bias};
 
 use super::config::Qwen3Config;
+use super::tokenizer::{PromptTokenizer, TokenizerError};
+use super::weights::{ModelFiles, WeightsError};
 
 /// `Flux2KleinPipeline` `text_encoder_out_layers`.
 pub const OUTPUT_LAYERS: [usize; 3] = [9, 18, 27];
@@ -43,7 +45,13 @@ struct Rotary {
 }
 
 impl Rotary {
-    fn new(head_dim: usize, theta: f64, max_len: usize, dtype: DType, dev: &Device) -> Result<Self> {
+    fn new(
+        head_dim: usize,
+        theta: f64,
+        max_len: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
         let inv_freq: Vec<f32> = (0..head_dim / 2)
             .map(|i| 1.0 / (theta.powf(2.0 * i as f64 / head_dim as f64) as f32))
             .collect();
@@ -106,11 +114,21 @@ impl Attention {
         // Per-head RMSNorm on q and k before RoPE (Qwen3's QK-norm).
         let q = self
             .q_norm
-            .forward(&self.q_proj.forward(x)?.reshape((b, l, self.num_heads, self.head_dim))?)?
+            .forward(
+                &self
+                    .q_proj
+                    .forward(x)?
+                    .reshape((b, l, self.num_heads, self.head_dim))?,
+            )?
             .transpose(1, 2)?;
         let k = self
             .k_norm
-            .forward(&self.k_proj.forward(x)?.reshape((b, l, self.num_kv_heads, self.head_dim))?)?
+            .forward(
+                &self
+                    .k_proj
+                    .forward(x)?
+                    .reshape((b, l, self.num_kv_heads, self.head_dim))?,
+            )?
             .transpose(1, 2)?;
         let v = self
             .v_proj
@@ -126,10 +144,9 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
         // Mask and softmax in f32: pad keys get exactly zero weight in any compute dtype.
-        let probs = candle_nn::ops::softmax_last_dim(
-            &scores.to_dtype(DType::F32)?.broadcast_add(mask)?,
-        )?
-        .to_dtype(v.dtype())?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?.broadcast_add(mask)?)?
+                .to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?; // [B, H, L, hd]
         let out = out
             .transpose(1, 2)?
@@ -170,8 +187,7 @@ impl Mlp {
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj
-            .forward(&(gate * self.up_proj.forward(x)?)?)
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
     }
 }
 
@@ -205,7 +221,9 @@ impl DecoderLayer {
         let h = (x + self
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, mask, rope)?)?;
-        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?
+        &h + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h)?)?
     }
 }
 
@@ -319,6 +337,68 @@ fn build_mask(attention_mask: &Tensor, b: usize, l: usize, dev: &Device) -> Resu
     Tensor::from_vec(m, (b, 1, l, l), dev)
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum PromptEncoderError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Tokenizer + truncated Qwen3: prompts in, `[B, 512, 3 * hidden]` prompt embeddings out, as
+/// `Flux2KleinPipeline.encode_prompt` produces them.
+pub struct PromptEncoder {
+    tokenizer: PromptTokenizer,
+    encoder: Qwen3TextEncoder,
+    device: Device,
+}
+
+impl PromptEncoder {
+    /// Loads `tokenizer/` and `text_encoder/` of a diffusers-layout model.
+    pub fn load(
+        files: &ModelFiles,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, PromptEncoderError> {
+        let tok_json = files.get("tokenizer/tokenizer.json")?;
+        let tok_cfg = if files.contains("tokenizer/tokenizer_config.json") {
+            Some(files.get("tokenizer/tokenizer_config.json")?)
+        } else {
+            None
+        };
+        let tokenizer = PromptTokenizer::from_files(&tok_json, tok_cfg.as_deref())?;
+        let cfg = files.text_encoder_config()?;
+        let vb = files.component_var_builder("text_encoder", dtype, device)?;
+        let encoder = Qwen3TextEncoder::new(&cfg, vb, tokenizer.max_length())?;
+        Ok(Self {
+            tokenizer,
+            encoder,
+            device: device.clone(),
+        })
+    }
+
+    pub fn tokenizer(&self) -> &PromptTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn encoder(&self) -> &Qwen3TextEncoder {
+        &self.encoder
+    }
+
+    /// Width of the embeddings per token (the DiT's `joint_attention_dim`).
+    pub fn output_dim(&self) -> usize {
+        self.encoder.output_dim()
+    }
+
+    /// `[B, 512, 3 * hidden]` in the model dtype, one row per prompt.
+    pub fn encode(&self, prompts: &[&str]) -> std::result::Result<Tensor, PromptEncoderError> {
+        let (ids, mask) = self.tokenizer.encode_batch(prompts, &self.device)?;
+        Ok(self.encoder.forward(&ids, &mask)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,7 +415,10 @@ mod tests {
             .to_vec2()
             .unwrap();
         let inf = f32::NEG_INFINITY;
-        assert_eq!(m, vec![vec![0., inf, inf], vec![0., 0., inf], vec![0., 0., inf]]);
+        assert_eq!(
+            m,
+            vec![vec![0., inf, inf], vec![0., 0., inf], vec![0., 0., inf]]
+        );
     }
 
     #[test]
@@ -344,7 +427,12 @@ mod tests {
             .unwrap()
             .reshape((1, 2, 2, 1))
             .unwrap();
-        let r: Vec<f32> = repeat_kv(x, 2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let r: Vec<f32> = repeat_kv(x, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(r, vec![0., 1., 0., 1., 2., 3., 2., 3.]);
     }
 }

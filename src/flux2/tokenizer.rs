@@ -53,8 +53,22 @@ impl PromptTokenizer {
     /// from `tokenizer_config.json` there (Qwen: `<|endoftext|>`, id 151643) and its id from the
     /// vocabulary, never hard-coded.
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
-        let pad_name = read_pad_token_name(&dir.join("tokenizer_config.json"))?;
-        Self::from_file(&dir.join("tokenizer.json"), &pad_name)
+        Self::from_files(
+            &dir.join("tokenizer.json"),
+            Some(&dir.join("tokenizer_config.json")),
+        )
+    }
+
+    /// `tokenizer_config` (optional) names the pad token; without it, `<|endoftext|>`.
+    pub fn from_files(
+        tokenizer_json: &Path,
+        tokenizer_config: Option<&Path>,
+    ) -> Result<Self, TokenizerError> {
+        let pad_name = match tokenizer_config {
+            Some(p) => read_pad_token_name(p)?,
+            None => DEFAULT_PAD_TOKEN.to_string(),
+        };
+        Self::from_file(tokenizer_json, &pad_name)
     }
 
     pub fn from_file(tokenizer_json: &Path, pad_token: &str) -> Result<Self, TokenizerError> {

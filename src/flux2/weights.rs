@@ -38,14 +38,18 @@ pub enum WeightsError {
         location: String,
         fix: String,
     },
-    #[error("cannot reach the model hub for '{repo}' and nothing is cached under {cache}: {reason}. Fix: {fix}")]
+    #[error(
+        "cannot reach the model hub for '{repo}' and nothing is cached under {cache}: {reason}. Fix: {fix}"
+    )]
     Offline {
         repo: String,
         cache: String,
         reason: String,
         fix: String,
     },
-    #[error("MODEL_ID '{0}' is neither an existing directory, a hub repo id (owner/name), 4B nor 9B")]
+    #[error(
+        "MODEL_ID '{0}' is neither an existing directory, a hub repo id (owner/name), 4B nor 9B"
+    )]
     InvalidModelId(String),
     #[error("cannot parse {file}: {message}")]
     BadFile { file: String, message: String },
@@ -416,7 +420,9 @@ where
 pub enum TransformerFormat {
     Diffusers,
     /// BFL single file; `fp8` when its Linears are F8_E4M3 with scales.
-    Bfl { fp8: bool },
+    Bfl {
+        fp8: bool,
+    },
 }
 
 /// The transformer's weights under **diffusers names** whatever the file layout: the diffusers
@@ -457,7 +463,10 @@ pub fn bfl_var_builder(
     // SAFETY: read-only memory map of a model file.
     let st = unsafe { MmapedSafetensors::new(path)? };
     let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
-    let prefix = if names.iter().any(|n| n == "model.diffusion_model.img_in.weight") {
+    let prefix = if names
+        .iter()
+        .any(|n| n == "model.diffusion_model.img_in.weight")
+    {
         "model.diffusion_model.".to_string()
     } else if names.iter().any(|n| n == "img_in.weight") {
         String::new()
@@ -471,7 +480,10 @@ pub fn bfl_var_builder(
         .iter()
         .any(|n| n.ends_with(".weight_scale") || n.ends_with(".scale_weight"));
     let backend = BflBackend { st, prefix };
-    Ok((VarBuilder::from_backend(Box::new(backend), dtype, device.clone()), fp8))
+    Ok((
+        VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
+        fp8,
+    ))
 }
 
 /// How one diffusers tensor is made from the BFL file.
@@ -582,9 +594,12 @@ impl BflBackend {
         let Some(base) = full.strip_suffix(".weight") else {
             return t.to_dtype(DType::F32);
         };
-        let scale_name = [format!("{base}.weight_scale"), format!("{base}.scale_weight")]
-            .into_iter()
-            .find(|n| self.st.get(n).is_ok());
+        let scale_name = [
+            format!("{base}.weight_scale"),
+            format!("{base}.scale_weight"),
+        ]
+        .into_iter()
+        .find(|n| self.st.get(n).is_ok());
         let t32 = t.to_dtype(DType::F32)?;
         match scale_name {
             None => Ok(t32),
@@ -629,7 +644,7 @@ impl SimpleBackend for BflBackend {
             BflSource::Chunk(b, i, n) => {
                 let full = self.load_dequantized(b, dev)?;
                 let rows = full.dim(0)?;
-                if rows % n != 0 {
+                if !rows.is_multiple_of(*n) {
                     candle_core::bail!("{b}: {rows} rows do not split into {n}");
                 }
                 full.narrow(0, i * rows / n, rows / n)?.contiguous()?
@@ -651,6 +666,57 @@ impl SimpleBackend for BflBackend {
             None => false,
         }
     }
+}
+
+/// Names and shapes requested from a [`recording_var_builder`].
+pub type RequestLog =
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<usize>>>>;
+
+struct RecordingBackend {
+    log: RequestLog,
+}
+
+impl SimpleBackend for RecordingBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.log
+            .lock()
+            .map_err(|_| candle_core::Error::msg("request log poisoned"))?
+            .insert(name.to_string(), s.dims().to_vec());
+        // A stride-0 view of one zero: the real 4B/9B shapes cost no memory.
+        Tensor::zeros(1, dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("recording backend: {name} requested without a shape")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// A `VarBuilder` that serves zero tensors of any requested shape and logs every request:
+/// builds a model at the real 4B/9B sizes without weights, to check against the committed
+/// checkpoint manifests (tests/fixtures/flux2/manifests) which names and shapes it would load.
+pub fn recording_var_builder(dtype: DType, device: &Device) -> (VarBuilder<'static>, RequestLog) {
+    let log = RequestLog::default();
+    let backend = RecordingBackend { log: log.clone() };
+    (
+        VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
+        log,
+    )
 }
 
 #[cfg(test)]
@@ -675,7 +741,14 @@ mod tests {
             resolve_model_id("someone/my-klein_v2.1").unwrap(),
             ModelSource::Hub("someone/my-klein_v2.1".into())
         );
-        for bad in ["", "just-a-name", "a/b/c", "/no/such/dir", "./missing", "a b/c"] {
+        for bad in [
+            "",
+            "just-a-name",
+            "a/b/c",
+            "/no/such/dir",
+            "./missing",
+            "a b/c",
+        ] {
             assert!(
                 matches!(resolve_model_id(bad), Err(WeightsError::InvalidModelId(_))),
                 "{bad:?}"
@@ -697,16 +770,65 @@ mod tests {
     fn bfl_mapping_covers_the_block_names() {
         assert_eq!(
             bfl_source("transformer_blocks.3.attn.add_v_proj.weight"),
-            Some(BflSource::Chunk("double_blocks.3.txt_attn.qkv.weight".into(), 2, 3))
+            Some(BflSource::Chunk(
+                "double_blocks.3.txt_attn.qkv.weight".into(),
+                2,
+                3
+            ))
         );
         assert_eq!(
             bfl_source("single_transformer_blocks.11.attn.norm_k.weight"),
-            Some(BflSource::Direct("single_blocks.11.norm.key_norm.scale".into()))
+            Some(BflSource::Direct(
+                "single_blocks.11.norm.key_norm.scale".into()
+            ))
         );
         assert_eq!(
             bfl_source("norm_out.linear.weight"),
-            Some(BflSource::SwapHalves("final_layer.adaLN_modulation.1.weight".into()))
+            Some(BflSource::SwapHalves(
+                "final_layer.adaLN_modulation.1.weight".into()
+            ))
         );
         assert_eq!(bfl_source("transformer_blocks.0.attn.unknown.weight"), None);
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Manifest {
+        tensors: std::collections::BTreeMap<String, Vec<usize>>,
+    }
+
+    fn manifest(name: &str) -> Manifest {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/flux2/manifests")
+            .join(format!("{name}.json"));
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    /// Every diffusers tensor of the real transformers has a BFL source of the right shape,
+    /// and every tensor of the real BFL file is used.
+    #[test]
+    fn bfl_mapping_covers_the_real_4b_and_9b_checkpoints() {
+        for variant in ["transformer-4b", "transformer-9b"] {
+            let diffusers = manifest(variant).tensors;
+            let bfl = manifest(&format!("{variant}-bfl")).tensors;
+            let mut used = BTreeSet::new();
+            for (name, shape) in &diffusers {
+                let src = bfl_source(name).unwrap_or_else(|| panic!("{variant}: {name} unmapped"));
+                let (b, want) = match &src {
+                    BflSource::Direct(b) | BflSource::SwapHalves(b) => (b, shape.clone()),
+                    BflSource::Chunk(b, _, n) => {
+                        let mut s = shape.clone();
+                        s[0] *= n;
+                        (b, s)
+                    }
+                };
+                assert_eq!(bfl.get(b), Some(&want), "{variant}: {name} <- {b}");
+                used.insert(b.clone());
+            }
+            let unused: Vec<_> = bfl.keys().filter(|k| !used.contains(*k)).collect();
+            assert!(
+                unused.is_empty(),
+                "{variant}: BFL tensors never loaded: {unused:?}"
+            );
+        }
     }
 }

@@ -360,3 +360,12 @@ fn check_scale(scale: u32) -> Result<(), UpscaleError> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn upscaler_can_move_to_the_gpu_worker_thread() {
+        fn assert_send<T: Send + 'static>() {}
+        assert_send::<super::Upscaler>();
+    }
+}

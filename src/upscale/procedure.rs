@@ -163,26 +163,9 @@ impl Upscaler {
     fn process(&self, img: &Planes) -> Result<Planes, UpscaleError> {
         let m = self.net.size_multiple() as usize;
         let padded = pad_bottom_right(img, (m - img.h % m) % m, (m - img.w % m) % m);
-        let mut last_oom = None;
-        let mut result = None;
-        for tile in tile_schedule(self.tile, m as u32) {
-            match self.run_tiles(&padded, tile as usize) {
-                Ok(p) => {
-                    result = Some(p);
-                    break;
-                }
-                Err(e) if is_oom(&e) => {
-                    tracing::warn!(tile, error = %e, "upscaler out of device memory; retrying with a smaller tile");
-                    last_oom = Some((tile, e));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let out = match (result, last_oom) {
-            (Some(out), _) => out,
-            (None, Some((tile, source))) => return Err(UpscaleError::OutOfMemory { tile, source }),
-            (None, None) => unreachable!("the tile schedule is never empty"),
-        };
+        let out = with_tile_retry(&tile_schedule(self.tile, m as u32), |tile| {
+            self.run_tiles(&padded, tile as usize)
+        })?;
         // Crop the mod-pad and clamp.
         let s = self.net.netscale() as usize;
         let (w, h) = (img.w * s, img.h * s);
@@ -195,6 +178,32 @@ impl Upscaler {
         }
         Ok(Planes { w, h, data })
     }
+}
+
+/// Runs `run` with each tile size in turn until one does not run out of device memory; other
+/// errors end it at once.
+pub fn with_tile_retry<T>(
+    schedule: &[u32],
+    mut run: impl FnMut(u32) -> candle_core::Result<T>,
+) -> Result<T, UpscaleError> {
+    let mut last_oom = None;
+    for &tile in schedule {
+        match run(tile) {
+            Ok(v) => return Ok(v),
+            Err(e) if is_oom(&e) => {
+                tracing::warn!(tile, error = %e, "upscaler out of device memory; retrying with a smaller tile");
+                last_oom = Some((tile, e));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(match last_oom {
+        Some((tile, source)) => UpscaleError::OutOfMemory { tile, source },
+        None => UpscaleError::InvalidInput {
+            field: "tile",
+            message: "no tile size to try".into(),
+        },
+    })
 }
 
 /// `(x * 255).round()` with numpy's round-half-to-even.
@@ -283,6 +292,42 @@ mod tests {
         // torch.nn.functional.pad([0,1,2,3,4], (0,2), 'reflect') == [0,1,2,3,4,3,2]
         let idx: Vec<usize> = (0..7).map(|i| reflect(i, 5)).collect();
         assert_eq!(idx, vec![0, 1, 2, 3, 4, 3, 2]);
+    }
+
+    fn oom() -> candle_core::Error {
+        // What cudarc reports through candle when an allocation fails.
+        candle_core::Error::Msg("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into())
+    }
+
+    #[test]
+    fn out_of_memory_retries_with_smaller_tiles() {
+        let mut tried = vec![];
+        let r = with_tile_retry(&tile_schedule(256, 1), |t| {
+            tried.push(t);
+            if t > 64 { Err(oom()) } else { Ok(t) }
+        });
+        assert_eq!(r.unwrap(), 64);
+        assert_eq!(tried, vec![256, 128, 64]);
+    }
+
+    #[test]
+    fn out_of_memory_at_every_size_fails_naming_the_last_tile() {
+        let r: Result<(), _> = with_tile_retry(&tile_schedule(128, 1), |_| Err(oom()));
+        assert!(
+            matches!(r, Err(UpscaleError::OutOfMemory { tile: 32, .. })),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn other_errors_are_not_retried() {
+        let mut calls = 0;
+        let r: Result<(), _> = with_tile_retry(&[256, 128], |_| {
+            calls += 1;
+            Err(candle_core::Error::Msg("shape mismatch".into()))
+        });
+        assert!(matches!(r, Err(UpscaleError::Candle(_))));
+        assert_eq!(calls, 1);
     }
 
     #[test]

@@ -1,0 +1,528 @@
+//! `Flux2Pipeline`: text-to-image and multi-reference generation with FLUX.2 [klein], step for
+//! step what diffusers' `Flux2KleinPipeline` does (see flux2-klein.md §5).
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+
+use super::Quantization;
+use super::reference::{self, ReferenceError};
+use super::rng;
+use super::scheduler;
+use super::text_encoder::{PromptEncoder, PromptEncoderError};
+use super::tokenizer::TokenizerError;
+use super::transformer::{Flux2Transformer2DModel, Flux2TransformerConfig};
+use super::vae::{AutoencoderKLFlux2, AutoencoderKLFlux2Config, pack, unpack};
+use super::weights::{ModelFiles, WeightsError, transformer_var_builder};
+
+/// Largest width or height accepted, in pixels (after flooring to a multiple of 16).
+pub const MAX_SIDE: u32 = 4096;
+/// Position-id spacing of reference images on the T axis (diffusers `scale=10`).
+const REF_T_SCALE: f32 = 10.0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Flux2Error {
+    /// A request field is out of range; the message names the field and the limit.
+    #[error("invalid {field}: {message}")]
+    InvalidInput { field: String, message: String },
+    /// A reference image was rejected (names its index and the limit).
+    #[error(transparent)]
+    InvalidReference(#[from] ReferenceError),
+    /// Model files missing, unreadable or inconsistent (names the file and the fix).
+    #[error(transparent)]
+    ModelFiles(#[from] WeightsError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] TokenizerError),
+    #[error("cancelled")]
+    Cancelled,
+    /// Tensor or device failure (out of memory, CUDA error, shape bug).
+    #[error("model/device error: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Flux2Error {
+    fn invalid(field: &str, message: impl Into<String>) -> Self {
+        Flux2Error::InvalidInput {
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// Whether the caller's input (not the model or the device) caused the error.
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            Flux2Error::InvalidInput { .. } | Flux2Error::InvalidReference(_)
+        )
+    }
+}
+
+impl From<PromptEncoderError> for Flux2Error {
+    fn from(e: PromptEncoderError) -> Self {
+        match e {
+            PromptEncoderError::Weights(w) => Flux2Error::ModelFiles(w),
+            PromptEncoderError::Tokenizer(t) => Flux2Error::Tokenizer(t),
+            PromptEncoderError::Candle(c) => Flux2Error::Candle(c),
+        }
+    }
+}
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// A local diffusers-layout directory, a hub repo id, or `4B` / `9B`.
+    pub model_id: String,
+    pub quantization: Quantization,
+    pub device: Device,
+    /// bf16 on CUDA, f32 on CPU (the VAE always runs f32 on CPU: candle has no bf16 CPU conv).
+    pub dtype: DType,
+    pub hf_token: Option<String>,
+}
+
+/// One generation request.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub prompt: String,
+    /// Floored to a multiple of 16.
+    pub width: u32,
+    /// Floored to a multiple of 16.
+    pub height: u32,
+    /// 1..=50.
+    pub num_steps: u32,
+    pub seed: u64,
+    /// Used only by non-distilled (base) models, as classifier-free guidance when > 1.
+    pub guidance_scale: f32,
+    /// Replaces the seeded noise: [1, 128, H/16, W/16], the layout diffusers' `latents=` takes.
+    pub latents: Option<Tensor>,
+}
+
+/// Reference images encoded once (VAE mean, normalised, packed), reusable across prompts.
+#[derive(Debug, Clone)]
+pub struct ReferenceLatents {
+    /// [1, N_ref, 128], or `None` when no image was given.
+    tokens: Option<Tensor>,
+    /// Position ids [N_ref, 4]: (10·(i+1), row, col, 0).
+    ids: Option<Tensor>,
+    count: usize,
+}
+
+impl ReferenceLatents {
+    /// Number of reference images.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+    /// Number of reference tokens appended to the sequence.
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.as_ref().map_or(0, |t| t.dim(1).unwrap_or(0))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimings {
+    pub text_encoder_ms: f64,
+    pub denoise_ms: f64,
+    pub vae_decode_ms: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub image: RgbImage,
+    pub timings: StageTimings,
+}
+
+/// A loaded FLUX.2 [klein] model: text encoder, transformer and VAE on one device.
+pub struct Flux2Pipeline {
+    model_id: String,
+    is_distilled: bool,
+    text: PromptEncoder,
+    transformer: Flux2Transformer2DModel,
+    vae: AutoencoderKLFlux2,
+    device: Device,
+    dtype: DType,
+}
+
+/// Width or height after flooring to a multiple of `multiple` (diffusers resizes silently).
+pub fn floor_size(field: &str, value: u32, multiple: u32) -> Result<u32, Flux2Error> {
+    let v = value / multiple * multiple;
+    if v == 0 {
+        return Err(Flux2Error::invalid(
+            field,
+            format!("{value} is below the minimum {multiple}"),
+        ));
+    }
+    if v > MAX_SIDE {
+        return Err(Flux2Error::invalid(
+            field,
+            format!("{value} exceeds the maximum {MAX_SIDE}"),
+        ));
+    }
+    Ok(v)
+}
+
+fn ms_since(t: Instant, device: &Device) -> Result<f64, Flux2Error> {
+    device.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// Position ids (t, row, col, 0) of an h×w token grid, row-major.
+fn grid_ids(t: f32, h: usize, w: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let mut v = Vec::with_capacity(h * w * 4);
+    for r in 0..h {
+        for c in 0..w {
+            v.extend_from_slice(&[t, r as f32, c as f32, 0.0]);
+        }
+    }
+    Tensor::from_vec(v, (h * w, 4), device)
+}
+
+/// Text position ids (0, 0, 0, l).
+fn text_ids(len: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let v: Vec<f32> = (0..len).flat_map(|l| [0.0, 0.0, 0.0, l as f32]).collect();
+    Tensor::from_vec(v, (len, 4), device)
+}
+
+impl Flux2Pipeline {
+    pub fn load(opts: &LoadOptions) -> Result<Self, Flux2Error> {
+        let files = ModelFiles::open(&opts.model_id, opts.hf_token.clone())?;
+        Self::from_files(&files, opts)
+    }
+
+    /// Loads from already-resolved model files.
+    pub fn from_files(files: &ModelFiles, opts: &LoadOptions) -> Result<Self, Flux2Error> {
+        let device = opts.device.clone();
+        let dtype = opts.dtype;
+        let index = files.model_index()?;
+        let tcfg: Flux2TransformerConfig = files.read_json("transformer/config.json")?;
+        tcfg.validate().map_err(|m| WeightsError::BadFile {
+            file: "transformer/config.json".into(),
+            message: m,
+        })?;
+        let vcfg: AutoencoderKLFlux2Config = files.read_json("vae/config.json")?;
+        let text = PromptEncoder::load(files, dtype, &device)?;
+        if text.output_dim() != tcfg.joint_attention_dim {
+            return Err(WeightsError::BadFile {
+                file: "transformer/config.json".into(),
+                message: format!(
+                    "joint_attention_dim {} does not match the text encoder's 3 x hidden = {}",
+                    tcfg.joint_attention_dim,
+                    text.output_dim()
+                ),
+            }
+            .into());
+        }
+        let (tvb, _format) = transformer_var_builder(files, dtype, &device)?;
+        let transformer = Flux2Transformer2DModel::new(&tcfg, tvb, opts.quantization)?;
+        let vae_dtype = if device.is_cpu() { DType::F32 } else { dtype };
+        let vvb = files.component_var_builder("vae", vae_dtype, &device)?;
+        let vae = AutoencoderKLFlux2::new(&vcfg, vvb)?;
+        if 4 * vcfg.latent_channels != tcfg.in_channels {
+            return Err(WeightsError::BadFile {
+                file: "vae/config.json".into(),
+                message: format!(
+                    "4 x latent_channels = {} but the transformer takes {} channels",
+                    4 * vcfg.latent_channels,
+                    tcfg.in_channels
+                ),
+            }
+            .into());
+        }
+        Ok(Self {
+            model_id: files.id().to_string(),
+            is_distilled: index.is_distilled,
+            text,
+            transformer,
+            vae,
+            device,
+            dtype,
+        })
+    }
+
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    /// Distilled models (klein 4B/9B) run without CFG; base models use CFG when guidance > 1.
+    pub fn is_distilled(&self) -> bool {
+        self.is_distilled
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Pixels per latent token side (16 for FLUX.2: VAE ×8 and the 2×2 patchify).
+    pub fn multiple_of(&self) -> u32 {
+        (self.vae.config().scale_factor() * 2) as u32
+    }
+
+    pub fn transformer(&self) -> &Flux2Transformer2DModel {
+        &self.transformer
+    }
+
+    pub fn vae(&self) -> &AutoencoderKLFlux2 {
+        &self.vae
+    }
+
+    /// Validates and VAE-encodes up to 16 reference images (see [`reference`]).
+    pub fn encode_references(&self, images: &[RgbImage]) -> Result<ReferenceLatents, Flux2Error> {
+        if images.len() > reference::MAX_REFERENCES {
+            return Err(ReferenceError::TooMany {
+                count: images.len(),
+                max: reference::MAX_REFERENCES,
+            }
+            .into());
+        }
+        for (i, img) in images.iter().enumerate() {
+            reference::check(i, img)?;
+        }
+        let mut tokens = Vec::with_capacity(images.len());
+        let mut ids = Vec::with_capacity(images.len());
+        for (i, img) in images.iter().enumerate() {
+            let x = reference::preprocess(img, self.multiple_of(), &self.device)?
+                .to_dtype(self.vae_dtype())?;
+            let z = self.vae.encode_normalized(&x)?;
+            let (_, _, h, w) = z.dims4()?;
+            tokens.push(pack(&z)?.to_dtype(self.dtype)?);
+            ids.push(grid_ids(REF_T_SCALE * (i + 1) as f32, h, w, &self.device)?);
+        }
+        if tokens.is_empty() {
+            return Ok(ReferenceLatents {
+                tokens: None,
+                ids: None,
+                count: 0,
+            });
+        }
+        Ok(ReferenceLatents {
+            tokens: Some(Tensor::cat(&tokens, 1)?),
+            ids: Some(Tensor::cat(&ids, 0)?),
+            count: images.len(),
+        })
+    }
+
+    fn vae_dtype(&self) -> DType {
+        if self.device.is_cpu() {
+            DType::F32
+        } else {
+            self.dtype
+        }
+    }
+
+    /// Prompt embeddings [1, 512, joint_attention_dim] as the transformer takes them.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor, Flux2Error> {
+        Ok(self.text.encode(&[prompt])?)
+    }
+
+    pub fn generate(
+        &self,
+        p: &GenerateParams,
+        refs: Option<&ReferenceLatents>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Generated, Flux2Error> {
+        let m = self.multiple_of();
+        let width = floor_size("width", p.width, m)?;
+        let height = floor_size("height", p.height, m)?;
+        if p.num_steps == 0 || p.num_steps > scheduler::MAX_STEPS {
+            return Err(Flux2Error::invalid(
+                "num_steps",
+                format!("{} is outside 1..={}", p.num_steps, scheduler::MAX_STEPS),
+            ));
+        }
+        if !p.guidance_scale.is_finite() {
+            return Err(Flux2Error::invalid(
+                "guidance_scale",
+                "must be a finite number",
+            ));
+        }
+        let (lh, lw) = ((height / m) as usize, (width / m) as usize);
+        let channels = self.transformer.config().in_channels;
+        let noise = match &p.latents {
+            Some(l) => {
+                if l.dims() != [1, channels, lh, lw] {
+                    return Err(Flux2Error::invalid(
+                        "latents",
+                        format!(
+                            "shape {:?}, expected [1, {channels}, {lh}, {lw}] for {width}x{height}",
+                            l.dims()
+                        ),
+                    ));
+                }
+                l.to_device(&self.device)?.to_dtype(self.dtype)?
+            }
+            None => {
+                rng::randn(p.seed, (1, channels, lh, lw), &self.device)?.to_dtype(self.dtype)?
+            }
+        };
+        let cfg = p.guidance_scale > 1.0 && !self.is_distilled;
+
+        let t0 = Instant::now();
+        let embeds = self.encode_prompt(&p.prompt)?;
+        let neg = if cfg {
+            Some(self.encode_prompt("")?)
+        } else {
+            None
+        };
+        let text_encoder_ms = ms_since(t0, &self.device)?;
+
+        let t1 = Instant::now();
+        let latents = self.denoise(
+            &noise,
+            &embeds,
+            neg.as_ref(),
+            p.guidance_scale,
+            p.num_steps as usize,
+            refs,
+            cancelled,
+        )?;
+        let denoise_ms = ms_since(t1, &self.device)?;
+
+        let t2 = Instant::now();
+        let image = self.decode(&latents, lh, lw)?;
+        let vae_decode_ms = ms_since(t2, &self.device)?;
+        Ok(Generated {
+            image,
+            timings: StageTimings {
+                text_encoder_ms,
+                denoise_ms,
+                vae_decode_ms,
+            },
+        })
+    }
+
+    /// The denoising loop on unpacked noise [1, 128, h, w]; returns the final packed tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise(
+        &self,
+        noise: &Tensor,
+        embeds: &Tensor,
+        negative: Option<&Tensor>,
+        guidance_scale: f32,
+        num_steps: usize,
+        refs: Option<&ReferenceLatents>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Tensor, Flux2Error> {
+        let (_, _, lh, lw) = noise.dims4()?;
+        let n = lh * lw;
+        let mut latents = pack(&noise.to_dtype(self.dtype)?)?;
+        let img_ids = grid_ids(0.0, lh, lw, &Device::Cpu)?;
+        let (ref_tokens, img_ids) = match refs.and_then(|r| r.tokens.as_ref().zip(r.ids.as_ref())) {
+            Some((t, ids)) => (
+                Some(t.to_dtype(self.dtype)?),
+                Tensor::cat(&[&img_ids, &ids.to_device(&Device::Cpu)?], 0)?,
+            ),
+            None => (None, img_ids),
+        };
+        let txt_ids = text_ids(embeds.dim(1)?, &Device::Cpu)?;
+        let rope = self.transformer.rope(&txt_ids, &img_ids)?;
+        if let Some(neg) = negative
+            && neg.dim(1)? != embeds.dim(1)?
+        {
+            return Err(Flux2Error::invalid(
+                "negative prompt",
+                format!("{} tokens, the prompt has {}", neg.dim(1)?, embeds.dim(1)?),
+            ));
+        }
+        let sigmas = scheduler::sigmas(num_steps, n);
+        for i in 0..num_steps {
+            if cancelled() {
+                return Err(Flux2Error::Cancelled);
+            }
+            // diffusers: t = σ·1000 (f32), passed as t / 1000.
+            let ts = (sigmas[i] * 1000.0) / 1000.0;
+            let timestep = Tensor::new(&[ts], &self.device)?;
+            let input = match &ref_tokens {
+                Some(r) => Tensor::cat(&[&latents, r], 1)?,
+                None => latents.clone(),
+            };
+            let mut v = self
+                .transformer
+                .forward_with_rope(&input, embeds, &timestep, &rope)?
+                .narrow(1, 0, n)?;
+            if let Some(neg) = negative {
+                let vn = self
+                    .transformer
+                    .forward_with_rope(&input, neg, &timestep, &rope)?
+                    .narrow(1, 0, n)?;
+                v = (&vn + ((v - &vn)? * guidance_scale as f64)?)?;
+            }
+            latents = scheduler::euler_step(&latents, &v, sigmas[i], sigmas[i + 1])?;
+        }
+        Ok(latents)
+    }
+
+    /// Packed tokens [1, h·w, 128] → RGB image, pixels round(clamp(x/2 + 0.5, 0, 1)·255).
+    pub fn decode(&self, tokens: &Tensor, lh: usize, lw: usize) -> Result<RgbImage, Flux2Error> {
+        let z = unpack(tokens, lh, lw)?.to_dtype(self.vae_dtype())?;
+        let x = self.vae.decode_normalized(&z)?;
+        Ok(to_image(&x)?)
+    }
+}
+
+/// [1, 3, H, W] in about [−1, 1] → RGB8, as diffusers' postprocess (numpy rounds half to even).
+pub fn to_image(x: &Tensor) -> candle_core::Result<RgbImage> {
+    let (_, c, h, w) = x.dims4()?;
+    if c != 3 {
+        candle_core::bail!("decoded image has {c} channels, expected 3");
+    }
+    let v = x
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .squeeze(0)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let plane = h * w;
+    let mut buf = vec![0u8; 3 * plane];
+    for i in 0..plane {
+        for ch in 0..3 {
+            let y = (v[ch * plane + i] / 2.0 + 0.5).clamp(0.0, 1.0);
+            buf[i * 3 + ch] = (y * 255.0).round_ties_even() as u8;
+        }
+    }
+    Ok(RgbImage::from_raw(w as u32, h as u32, buf).expect("buffer size"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_floored_and_bounded() {
+        assert_eq!(floor_size("width", 1024, 16).unwrap(), 1024);
+        assert_eq!(floor_size("width", 1039, 16).unwrap(), 1024);
+        assert_eq!(floor_size("height", 40, 16).unwrap(), 32);
+        let e = floor_size("height", 15, 16).unwrap_err().to_string();
+        assert!(e.contains("height") && e.contains("16"), "{e}");
+        let e = floor_size("width", 5000, 16).unwrap_err().to_string();
+        assert!(e.contains("width") && e.contains("4096"), "{e}");
+    }
+
+    #[test]
+    fn ids_follow_diffusers() -> candle_core::Result<()> {
+        let g = grid_ids(10.0, 2, 3, &Device::Cpu)?.to_vec2::<f32>()?;
+        assert_eq!(g[4], vec![10.0, 1.0, 1.0, 0.0]);
+        let t = text_ids(5, &Device::Cpu)?.to_vec2::<f32>()?;
+        assert_eq!(t[3], vec![0.0, 0.0, 0.0, 3.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn pixels_round_half_to_even_like_numpy() -> candle_core::Result<()> {
+        // x = -1 → 0, x = 1 → 255, beyond is clamped.
+        let x = Tensor::new(&[-1.5f32, -1.0, 0.0, 1.0, 3.0, 0.5], &Device::Cpu)?
+            .reshape((1, 3, 1, 2))?;
+        let img = to_image(&x)?;
+        assert_eq!(img.get_pixel(0, 0).0, [0, 128, 255]);
+        assert_eq!(img.get_pixel(1, 0).0, [0, 255, 191]);
+        Ok(())
+    }
+
+    #[test]
+    fn pipeline_is_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Flux2Pipeline>();
+        assert_send::<ReferenceLatents>();
+    }
+}

@@ -1,0 +1,271 @@
+//! Model file resolution and transformer weight loading: diffusers folder, BFL single file,
+//! BFL fp8 single file, missing files, hub cache and offline paths (the hub is never contacted:
+//! the only endpoint used is a closed port on 127.0.0.1).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use imagegen::flux2::weights::{
+    HubOptions, ModelFiles, TransformerFormat, WeightsError, bfl_var_builder,
+    transformer_var_builder,
+};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux2")
+}
+
+/// Every tensor name and shape of the diffusers transformer checkpoint.
+fn diffusers_transformer() -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = candle_core::safetensors::load(
+        fixtures().join("tiny-model/transformer/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .into_iter()
+    .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn diffusers_dir_gives_the_diffusers_transformer() {
+    let files = ModelFiles::local(&fixtures().join("tiny-model")).unwrap();
+    assert!(files.model_index().unwrap().is_distilled);
+    let (vb, fmt) = transformer_var_builder(&files, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(fmt, TransformerFormat::Diffusers);
+    for (name, want) in diffusers_transformer() {
+        let got = vb.get(want.shape(), &name).unwrap();
+        assert_eq!(max_abs(&(got - want).unwrap()), 0.0, "{name}");
+    }
+}
+
+#[test]
+fn bfl_single_file_gives_identical_diffusers_tensors() {
+    let (vb, fp8) = bfl_var_builder(
+        &fixtures().join("flux-2-klein-tiny.safetensors"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(!fp8);
+    let all = diffusers_transformer();
+    assert!(all.len() > 30);
+    for (name, want) in &all {
+        assert!(vb.contains_tensor(name), "{name}");
+        let got = vb.get(want.shape(), name).unwrap();
+        assert_eq!(max_abs(&(got - want).unwrap()), 0.0, "{name}");
+    }
+    // Shapes are checked: asking for the wrong one is an error naming the tensor.
+    let err = vb.get((3, 3), "proj_out.weight").unwrap_err().to_string();
+    assert!(err.contains("proj_out.weight"), "{err}");
+}
+
+#[test]
+fn bfl_final_layer_halves_are_swapped() {
+    // Direct look at the raw BFL tensor: diffusers rows [scale; shift] = BFL rows [shift; scale].
+    let raw = candle_core::safetensors::load(
+        fixtures().join("flux-2-klein-tiny.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let bfl = &raw["final_layer.adaLN_modulation.1.weight"];
+    let half = bfl.dim(0).unwrap() / 2;
+    let (vb, _) = bfl_var_builder(
+        &fixtures().join("flux-2-klein-tiny.safetensors"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let d = vb.get(bfl.shape(), "norm_out.linear.weight").unwrap();
+    let top = d.narrow(0, 0, half).unwrap();
+    assert_eq!(
+        max_abs(&(top - bfl.narrow(0, half, half).unwrap()).unwrap()),
+        0.0
+    );
+    // not symmetric by accident
+    assert!(
+        max_abs(&(bfl.narrow(0, 0, half).unwrap() - bfl.narrow(0, half, half).unwrap()).unwrap())
+            > 0.0
+    );
+}
+
+#[test]
+fn bfl_fp8_file_applies_its_scales() {
+    let (vb, fp8) = bfl_var_builder(
+        &fixtures().join("flux-2-klein-tiny-fp8.safetensors"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(fp8);
+    let raw = candle_core::safetensors::load(
+        fixtures().join("flux-2-klein-tiny-fp8.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        raw["double_blocks.0.img_attn.qkv.weight"].dtype(),
+        DType::F8E4M3
+    );
+    let mut quantized = 0;
+    for (name, want) in diffusers_transformer() {
+        let got = vb.get(want.shape(), &name).unwrap();
+        let err = max_abs(&(&got - &want).unwrap());
+        let scale = max_abs(&want);
+        let is_block_linear = (name.starts_with("transformer_blocks.")
+            || name.starts_with("single_transformer_blocks."))
+            && want.rank() == 2;
+        if is_block_linear {
+            quantized += 1;
+            // e4m3 keeps 3 mantissa bits: error <= |w|/16 <= absmax/16. Without the scale the
+            // values would be ~448/absmax too large.
+            assert!(err <= scale / 16.0, "{name}: err {err} vs absmax {scale}");
+            assert!(err > 0.0, "{name} was not quantized");
+        } else {
+            // bf16 in the file: 8 mantissa bits.
+            assert!(err <= scale / 256.0, "{name}: err {err} vs absmax {scale}");
+        }
+    }
+    assert!(quantized >= 20, "{quantized}");
+}
+
+#[test]
+fn missing_transformer_names_the_file() {
+    // The sharded fixture has no transformer/ and no BFL file.
+    let files = ModelFiles::local(&fixtures().join("tiny-model-sharded")).unwrap();
+    let Err(err) = transformer_var_builder(&files, DType::F32, &Device::Cpu) else {
+        panic!("expected an error")
+    };
+    let msg = err.to_string();
+    assert!(matches!(err, WeightsError::MissingFile { .. }), "{msg}");
+    assert!(
+        msg.contains("transformer/diffusion_pytorch_model.safetensors"),
+        "{msg}"
+    );
+    assert!(msg.contains("MODEL_ID"), "the fix is named: {msg}");
+    let err = files.get("vae/config.json").unwrap_err().to_string();
+    assert!(
+        err.contains("vae/config.json") && err.contains("tiny-model-sharded"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bfl_file_at_the_root_is_used_when_there_is_no_transformer_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures().join("tiny-model/model_index.json"),
+        dir.path().join("model_index.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixtures().join("flux-2-klein-tiny-fp8.safetensors"),
+        dir.path().join("flux-2-klein-tiny-fp8.safetensors"),
+    )
+    .unwrap();
+    let files = ModelFiles::open_with(dir.path().to_str().unwrap(), HubOptions::default()).unwrap();
+    let (vb, fmt) = transformer_var_builder(&files, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(fmt, TransformerFormat::Bfl { fp8: true });
+    assert!(vb.contains_tensor("single_transformer_blocks.1.attn.to_out.weight"));
+}
+
+/// A fake HF cache with one snapshot, as hf-hub lays it out.
+fn fake_cache(root: &Path, repo: &str, files: &[(&str, &Path)]) {
+    let folder = format!("models--{}", repo.replace('/', "--"));
+    let repo_dir = root.join(folder);
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs/main"), commit).unwrap();
+    for (name, src) in files {
+        let dst = repo_dir.join("snapshots").join(commit).join(name);
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(src, dst).unwrap();
+    }
+}
+
+fn unreachable_hub(cache: &Path) -> HubOptions {
+    HubOptions {
+        token: Some("hf_test_token".into()),
+        cache_dir: Some(cache.to_path_buf()),
+        // Port 9 (discard) on loopback: connection refused, nothing leaves the machine.
+        endpoint: Some("http://127.0.0.1:9".into()),
+        offline: false,
+    }
+}
+
+#[test]
+fn hub_offline_without_cache_names_the_repo_and_fix() {
+    let cache = tempfile::tempdir().unwrap();
+    let err = ModelFiles::open_with("4B", unreachable_hub(cache.path())).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, WeightsError::Offline { .. }), "{msg}");
+    assert!(msg.contains("black-forest-labs/FLUX.2-klein-4B"), "{msg}");
+    assert!(
+        msg.contains("HF_TOKEN") && msg.contains("MODEL_ID"),
+        "{msg}"
+    );
+
+    let offline = HubOptions {
+        offline: true,
+        ..unreachable_hub(cache.path())
+    };
+    let err = ModelFiles::open_with("someone/klein", offline).unwrap_err();
+    assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
+}
+
+#[test]
+fn hub_repo_served_from_the_cache_when_offline() {
+    let cache = tempfile::tempdir().unwrap();
+    let tiny = fixtures().join("tiny-model");
+    let te_cfg = tiny.join("text_encoder/config.json");
+    let te_w = tiny.join("text_encoder/model.safetensors");
+    let idx = tiny.join("model_index.json");
+    fake_cache(
+        cache.path(),
+        "black-forest-labs/FLUX.2-klein-9B",
+        &[
+            ("model_index.json", &idx),
+            ("text_encoder/config.json", &te_cfg),
+            ("text_encoder/model.safetensors", &te_w),
+        ],
+    );
+    for opts in [
+        unreachable_hub(cache.path()),
+        HubOptions {
+            offline: true,
+            ..unreachable_hub(cache.path())
+        },
+    ] {
+        let files = ModelFiles::open_with("9B", opts).unwrap();
+        assert_eq!(files.id(), "black-forest-labs/FLUX.2-klein-9B");
+        assert!(files.model_index().unwrap().is_distilled);
+        let vb: VarBuilder = files
+            .component_var_builder("text_encoder", DType::F32, &Device::Cpu)
+            .unwrap();
+        assert!(vb.contains_tensor("model.layers.27.mlp.up_proj.weight"));
+        // Not cached and the hub is unreachable: the error names the file.
+        let err = files.get("vae/config.json").unwrap_err().to_string();
+        assert!(
+            err.contains("vae/config.json") && err.contains("FLUX.2-klein-9B"),
+            "{err}"
+        );
+        let Err(err) = transformer_var_builder(&files, DType::F32, &Device::Cpu) else {
+            panic!("expected an error")
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains("transformer/diffusion_pytorch_model.safetensors"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,86 @@
+//! `imagegen generate` on the tiny random-weight model writes the PNG diffusers produces.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux2")
+}
+
+#[test]
+fn generate_writes_the_reference_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let dit = fixtures().join("dit");
+    let status = Command::new(env!("CARGO_BIN_EXE_imagegen"))
+        .args(["generate", "--model"])
+        .arg(fixtures().join("tiny-model"))
+        .args([
+            "--prompt",
+            "the same fox, now in a forest",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ])
+        .args(["--steps", "4", "--device", "cpu", "--reference"])
+        .arg(dit.join("ref_a.png"))
+        .arg("--latents")
+        .arg(dit.join("pipe_ref1.safetensors"))
+        .arg("--output")
+        .arg(&out)
+        .env_remove("MODEL_ID")
+        .env_remove("QUANTIZATION")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let got = image::open(&out).unwrap().to_rgb8();
+    let want = image::open(dit.join("pipe_ref1.png")).unwrap().to_rgb8();
+    assert_eq!(got.dimensions(), want.dimensions());
+    let close = got
+        .pixels()
+        .zip(want.pixels())
+        .filter(|(a, b)| a.0.iter().zip(b.0).all(|(x, y)| x.abs_diff(y) <= 1))
+        .count();
+    assert!(
+        close as f64 >= 0.999 * (64.0 * 64.0),
+        "{close} of 4096 pixels within 1 level"
+    );
+}
+
+#[test]
+fn generate_rejects_a_bad_reference_with_its_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small.png");
+    image::RgbImage::new(32, 80).save(&small).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_imagegen"))
+        .args(["generate", "--model"])
+        .arg(fixtures().join("tiny-model"))
+        .args([
+            "--prompt",
+            "x",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--device",
+            "cpu",
+            "--reference",
+        ])
+        .arg(fixtures().join("dit/ref_a.png"))
+        .arg("--reference")
+        .arg(&small)
+        .arg("--output")
+        .arg(dir.path().join("o.png"))
+        .env_remove("MODEL_ID")
+        .env_remove("QUANTIZATION")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("references[1]") && err.contains("64px"),
+        "{err}"
+    );
+    assert!(!dir.path().join("o.png").exists());
+}
