@@ -79,6 +79,8 @@ bench-upscale:
 
 
 
+
+
 # --- flux-text ---
 # Parity venv (PyTorch, diffusers, transformers) for fixture generation only.
 PARITY_VENV ?= /work/venvs/parity

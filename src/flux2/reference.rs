@@ -273,6 +273,29 @@ mod tests {
     }
 
     #[test]
+    fn large_images_are_resized_to_one_megapixel_then_cropped() -> CResult<()> {
+        let mut img = RgbImage::new(1100, 1000);
+        for (x, y, p) in img.enumerate_pixels_mut() {
+            *p = image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x * y) % 239) as u8]);
+        }
+        // √(1024² / 1.1 MP) → 1073 x 976, floored to 1072 x 976, crop offset (0, 0).
+        let t = preprocess(&img, 16, &Device::Cpu)?;
+        assert_eq!(t.dims(), &[1, 3, 976, 1072]);
+        let r = lanczos_resize(&img, 1073, 976);
+        let v = t.get(0)?.to_vec3::<f32>()?;
+        for (x, y) in [(0u32, 0u32), (500, 300), (1071, 975)] {
+            let p = r.get_pixel(x, y);
+            for c in 0..3 {
+                assert_eq!(
+                    v[c][y as usize][x as usize],
+                    2.0 * (p[c] as f32 / 255.0) - 1.0
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
     fn lanczos_keeps_constant_images_and_identity() {
         let img = RgbImage::from_pixel(300, 200, image::Rgb([10, 128, 250]));
         let r = lanczos_resize(&img, 123, 77);
