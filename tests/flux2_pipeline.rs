@@ -427,3 +427,32 @@ fn cancellation_is_polled_between_steps() {
         "polled once per step until it returned true"
     );
 }
+
+/// A model directory whose transformer is only a BFL single file (no transformer/ folder) loads:
+/// its config comes from the tensor shapes.
+#[test]
+fn bfl_single_file_model_directory_loads_and_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&root().join("tiny-model"), dir.path());
+    std::fs::remove_dir_all(dir.path().join("transformer")).unwrap();
+    std::fs::copy(
+        root().join("flux-2-klein-tiny.safetensors"),
+        dir.path().join("flux-2-klein-tiny.safetensors"),
+    )
+    .unwrap();
+    let files = ModelFiles::local(dir.path()).unwrap();
+    let p = Flux2Pipeline::from_files(&files, &opts(dir.path())).unwrap();
+    assert_eq!(p.transformer().config().num_layers, 2);
+    let mut q = params(&case("t2i"), None);
+    q.num_steps = 1;
+    let out = p.generate(&q, None, &never).unwrap();
+    assert_eq!(out.image.dimensions(), (64, 48));
+    // Without either transformer layout the error names the file.
+    std::fs::remove_file(dir.path().join("flux-2-klein-tiny.safetensors")).unwrap();
+    let files = ModelFiles::local(dir.path()).unwrap();
+    let e = Flux2Pipeline::from_files(&files, &opts(dir.path()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("transformer/config.json"), "{e}");
+}

@@ -112,7 +112,20 @@ fn real_qwen3_tokenizer_matches_transformers() {
     let sha = format!("{:x}", sha2::Sha256::digest(&bytes));
     assert_eq!(sha, fx.tokenizer_json_sha256, "unexpected tokenizer.json");
 
-    let tok = PromptTokenizer::from_dir(&dir).unwrap();
+    // tokenizer.json, and the vocab.json + merges.txt fallback for repos without it.
+    let from_json = PromptTokenizer::from_dir(&dir).unwrap();
+    let from_bpe_files = PromptTokenizer::from_vocab_merges(
+        &dir.join("vocab.json"),
+        &dir.join("merges.txt"),
+        &dir.join("tokenizer_config.json"),
+    )
+    .unwrap();
+    for tok in [&from_json, &from_bpe_files] {
+        check_real_tokenizer(tok, &fx);
+    }
+}
+
+fn check_real_tokenizer(tok: &PromptTokenizer, fx: &RealTokenizerFixture) {
     assert_eq!(tok.pad_id(), 151643);
     assert_eq!(tok.pad_id(), fx.pad_token_id);
     for p in &fx.prompts {

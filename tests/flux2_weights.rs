@@ -200,7 +200,24 @@ fn unreachable_hub(cache: &Path) -> HubOptions {
         // Port 9 (discard) on loopback: connection refused, nothing leaves the machine.
         endpoint: Some("http://127.0.0.1:9".into()),
         offline: false,
+        list_timeout: None,
     }
+}
+
+#[test]
+fn silent_hub_times_out_instead_of_hanging() {
+    // Accepts connections (kernel backlog) but never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let opts = HubOptions {
+        endpoint: Some(format!("http://{}", silent.local_addr().unwrap())),
+        list_timeout: Some(std::time::Duration::from_millis(500)),
+        ..unreachable_hub(cache.path())
+    };
+    let t = std::time::Instant::now();
+    let err = ModelFiles::open_with("4B", opts).unwrap_err().to_string();
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+    assert!(err.contains("no answer within"), "{err}");
 }
 
 #[test]
@@ -268,4 +285,53 @@ fn hub_repo_served_from_the_cache_when_offline() {
             "{err}"
         );
     }
+}
+
+/// `Quantization::Fp8` on an fp8 file keeps the file's fp8 values and scales (no second
+/// rounding); the dequantized weight equals the scaled file weight exactly. Other quantizations
+/// and diffusers folders go through the dense weight.
+#[test]
+fn fp8_linear_keeps_the_files_fp8_weights() {
+    use candle_core::Module;
+    use imagegen::flux2::quant::{Quantization, linear_no_bias};
+    let (vb, _) = bfl_var_builder(
+        &fixtures().join("flux-2-klein-tiny-fp8.safetensors"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let names = [
+        ("transformer_blocks.1.attn", "to_k", 48, 48),
+        ("transformer_blocks.0.attn", "add_v_proj", 48, 48),
+        (
+            "single_transformer_blocks.1.attn",
+            "to_qkv_mlp_proj",
+            48,
+            432,
+        ),
+        ("transformer_blocks.0.ff", "linear_out", 144, 48),
+    ];
+    for (prefix, layer, in_dim, out_dim) in names {
+        let vbl = vb.pp(prefix).pp(layer);
+        let lin = linear_no_bias(in_dim, out_dim, vbl.clone(), Quantization::Fp8).unwrap();
+        let want = vbl.get((out_dim, in_dim), "weight").unwrap();
+        let got = lin.dequantized_weight(DType::F32).unwrap();
+        assert_eq!(max_abs(&(got - &want).unwrap()), 0.0, "{prefix}.{layer}");
+        // Re-quantizing the dequantized weight per row would round a second time.
+        let requant = imagegen::flux2::quant::QLinear::from_weight(want.clone(), Quantization::Fp8)
+            .unwrap()
+            .dequantized_weight(DType::F32)
+            .unwrap();
+        assert!(
+            max_abs(&(requant - &want).unwrap()) > 0.0,
+            "{prefix}.{layer}"
+        );
+        let x = Tensor::ones((1, in_dim), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(lin.forward(&x).unwrap().dims(), &[1, out_dim]);
+    }
+    // Non-fp8 tensors (final layer, diffusers folders) have no raw form.
+    assert!(!vb.contains_tensor("proj_out.weight#fp8"));
+    let files = ModelFiles::local(&fixtures().join("tiny-model")).unwrap();
+    let (dvb, _) = transformer_var_builder(&files, DType::F32, &Device::Cpu).unwrap();
+    assert!(!dvb.contains_tensor("transformer_blocks.0.attn.to_q.weight#fp8"));
 }

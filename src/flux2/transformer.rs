@@ -92,6 +92,64 @@ impl Flux2TransformerConfig {
     }
 }
 
+impl Flux2TransformerConfig {
+    /// The config of a BFL single-file checkpoint, recovered from its tensor shapes (as sd.cpp
+    /// does): hidden and context width from `txt_in`, head dim from a key norm, block counts from
+    /// the largest indices, MLP ratio from `img_mlp.0`. RoPE axes are head_dim/4 each with θ 2000,
+    /// as in every klein model. `shapes` yields (name, shape) with any `model.diffusion_model.`
+    /// prefix already removed.
+    pub fn from_bfl_shapes<'a>(
+        shapes: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+    ) -> std::result::Result<Self, String> {
+        let mut map = std::collections::HashMap::new();
+        let (mut double, mut single) = (0usize, 0usize);
+        for (name, shape) in shapes {
+            let block = |prefix: &str| {
+                name.strip_prefix(prefix)
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|i| i.parse::<usize>().ok())
+            };
+            if let Some(i) = block("double_blocks.") {
+                double = double.max(i + 1);
+            }
+            if let Some(i) = block("single_blocks.") {
+                single = single.max(i + 1);
+            }
+            map.insert(name.to_string(), shape.to_vec());
+        }
+        let get = |n: &str| {
+            map.get(n)
+                .ok_or_else(|| format!("tensor {n} missing from the BFL file"))
+        };
+        let txt_in = get("txt_in.weight")?;
+        let img_in = get("img_in.weight")?;
+        let head_dim = get("double_blocks.0.img_attn.norm.key_norm.scale")?[0];
+        let mlp_in = get("double_blocks.0.img_mlp.0.weight")?;
+        let (d, ctx) = (txt_in[0], txt_in[1]);
+        if head_dim == 0 || d % head_dim != 0 || head_dim % 8 != 0 {
+            return Err(format!(
+                "hidden size {d} and head dim {head_dim} are inconsistent"
+            ));
+        }
+        Ok(Self {
+            patch_size: 1,
+            in_channels: img_in[1],
+            out_channels: None,
+            num_layers: double,
+            num_single_layers: single,
+            attention_head_dim: head_dim,
+            num_attention_heads: d / head_dim,
+            joint_attention_dim: ctx,
+            timestep_guidance_channels: get("time_in.in_layer.weight")?[1],
+            mlp_ratio: (mlp_in[0] / 2) as f64 / d as f64,
+            axes_dims_rope: vec![head_dim / 4; 4],
+            rope_theta: 2000.0,
+            eps: 1e-6,
+            guidance_embeds: map.contains_key("guidance_in.in_layer.weight"),
+        })
+    }
+}
+
 /// RoPE cos/sin tables for one sequence, [S, head_dim/2] each, in the compute dtype.
 #[derive(Debug, Clone)]
 pub struct Rope {

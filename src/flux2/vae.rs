@@ -52,6 +52,9 @@ pub struct AutoencoderKLFlux2Config {
     pub mid_block_add_attention: bool,
     #[serde(default = "d_bn_eps")]
     pub batch_norm_eps: f64,
+    /// Set only by the optional FLUX.2 small decoder, which is not supported.
+    #[serde(default)]
+    pub decoder_block_out_channels: Option<Vec<usize>>,
 }
 
 impl AutoencoderKLFlux2Config {
@@ -372,6 +375,13 @@ impl AutoencoderKLFlux2 {
     pub fn new(cfg: &AutoencoderKLFlux2Config, vb: VarBuilder) -> Result<Self> {
         if cfg.block_out_channels.is_empty() {
             candle_core::bail!("vae config: block_out_channels is empty");
+        }
+        if let Some(d) = &cfg.decoder_block_out_channels
+            && d != &cfg.block_out_channels
+        {
+            candle_core::bail!(
+                "vae config: decoder_block_out_channels {d:?} (the FLUX.2 small decoder) is not supported"
+            );
         }
         let lc = cfg.latent_channels;
         let c = 4 * lc;

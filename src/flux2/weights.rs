@@ -108,6 +108,9 @@ pub struct HubOptions {
     pub endpoint: Option<String>,
     /// Never touch the network (`HF_HUB_OFFLINE=1`): cached files only.
     pub offline: bool,
+    /// How long listing the repo may take before the cache is used instead (`None`: 30 s), so
+    /// a network that drops packets cannot hang model loading.
+    pub list_timeout: Option<std::time::Duration>,
 }
 
 impl HubOptions {
@@ -120,6 +123,7 @@ impl HubOptions {
             cache_dir: None,
             endpoint: None,
             offline,
+            list_timeout: None,
         }
     }
 
@@ -198,9 +202,15 @@ impl ModelFiles {
             Err("offline mode (HF_HUB_OFFLINE)".to_string())
         } else {
             let (o, r) = (opts.clone(), repo.to_string());
+            let limit = opts
+                .list_timeout
+                .unwrap_or(std::time::Duration::from_secs(30));
             run_blocking(move || async move {
                 let api = build_api(&o)?;
-                let info = api.model(r).info().await.map_err(|e| e.to_string())?;
+                let info = tokio::time::timeout(limit, api.model(r).info())
+                    .await
+                    .map_err(|_| format!("no answer within {limit:?}"))?
+                    .map_err(|e| e.to_string())?;
                 Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
             })
         };
@@ -508,6 +518,12 @@ pub fn bfl_var_builder(
     ))
 }
 
+/// Suffixes under which the BFL backend serves an fp8 Linear's stored values and per-row scales
+/// unchanged (`<layer>.weight` + suffix), so `quant::linear_no_bias` with `Quantization::Fp8`
+/// keeps the file's exact fp8 weights instead of re-quantizing dequantized ones.
+pub const RAW_FP8_SUFFIX: &str = "#fp8";
+pub const RAW_FP8_SCALE_SUFFIX: &str = "#fp8_scale";
+
 /// How one diffusers tensor is made from the BFL file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum BflSource {
@@ -609,33 +625,103 @@ impl BflBackend {
         self.st.get(&format!("{}{bfl}", self.prefix)).is_ok()
     }
 
-    /// Loads a BFL tensor in f32 with its fp8 scale applied, if it has one.
-    fn load_dequantized(&self, bfl: &str, dev: &Device) -> candle_core::Result<Tensor> {
-        let full = format!("{}{bfl}", self.prefix);
-        let t = self.st.load(&full, dev)?;
-        let Some(base) = full.strip_suffix(".weight") else {
-            return t.to_dtype(DType::F32);
-        };
-        let scale_name = [
+    /// The `weight_scale` / `scale_weight` tensor name of a BFL weight, if it has one.
+    fn scale_name(&self, bfl: &str) -> Option<String> {
+        let base = format!("{}{bfl}", self.prefix);
+        let base = base.strip_suffix(".weight")?;
+        [
             format!("{base}.weight_scale"),
             format!("{base}.scale_weight"),
         ]
         .into_iter()
-        .find(|n| self.st.get(n).is_ok());
-        let t32 = t.to_dtype(DType::F32)?;
-        match scale_name {
-            None => Ok(t32),
-            Some(n) => {
-                let s = self.st.load(&n, dev)?.to_dtype(DType::F32)?;
-                let out = t32.dim(0)?;
-                let s = match s.elem_count() {
-                    1 => s.flatten_all()?.reshape((1, 1))?,
-                    n if n == out => s.reshape((out, 1))?,
-                    n => candle_core::bail!("{full}: scale has {n} elements, expected 1 or {out}"),
-                };
-                t32.broadcast_mul(&s)
+        .find(|n| self.st.get(n).is_ok())
+    }
+
+    /// Rows `i`/`n` of a tensor (all of it for `Direct`); `None` for sources that are not a
+    /// plain row selection.
+    fn select_rows(src: &BflSource, t: Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(match src {
+            BflSource::Direct(_) => Some(t),
+            BflSource::Chunk(b, i, n) => {
+                let rows = t.dim(0)?;
+                if !rows.is_multiple_of(*n) {
+                    candle_core::bail!("{b}: {rows} rows do not split into {n}");
+                }
+                Some(t.narrow(0, i * rows / n, rows / n)?.contiguous()?)
             }
+            BflSource::SwapHalves(_) => None,
+        })
+    }
+
+    /// F8E4M3 values (`#fp8`) or `[out, 1]` f32 scales (`#fp8_scale`) of a scaled fp8 weight.
+    fn get_raw_fp8(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        let (weight, want_scale) = match name.strip_suffix(RAW_FP8_SCALE_SUFFIX) {
+            Some(w) => (w, true),
+            None => (name.strip_suffix(RAW_FP8_SUFFIX).unwrap_or(name), false),
+        };
+        let src = bfl_source(weight)
+            .ok_or_else(|| candle_core::Error::msg(format!("no BFL tensor maps to {weight}")))?;
+        let (BflSource::Direct(b) | BflSource::Chunk(b, _, _)) = &src else {
+            candle_core::bail!("{weight}: no raw fp8 form");
+        };
+        let scale_name = self
+            .scale_name(b)
+            .ok_or_else(|| candle_core::Error::msg(format!("{b} has no fp8 scale")))?;
+        let raw = self.st.load(&format!("{}{b}", self.prefix), dev)?;
+        if raw.dtype() != DType::F8E4M3 {
+            candle_core::bail!("{b} is {:?}, not F8E4M3", raw.dtype());
         }
+        let rows = Self::select_rows(&src, raw)?.expect("row selection");
+        if !want_scale {
+            return Ok(rows);
+        }
+        let out = rows.dim(0)?;
+        let s = self.st.load(&scale_name, dev)?.to_dtype(DType::F32)?;
+        let full_rows = match &src {
+            BflSource::Chunk(_, _, n) => out * n,
+            _ => out,
+        };
+        let s = match s.elem_count() {
+            1 => s.flatten_all()?.broadcast_as((out, 1))?.contiguous()?,
+            k if k == full_rows => {
+                Self::select_rows(&src, s.reshape((full_rows, 1))?)?.expect("row selection")
+            }
+            k => candle_core::bail!("{scale_name}: {k} elements, expected 1 or {full_rows}"),
+        };
+        Ok(s)
+    }
+
+    fn has_raw_fp8(&self, name: &str) -> bool {
+        let weight = name
+            .strip_suffix(RAW_FP8_SCALE_SUFFIX)
+            .or_else(|| name.strip_suffix(RAW_FP8_SUFFIX));
+        match weight.and_then(bfl_source) {
+            Some(BflSource::Direct(b) | BflSource::Chunk(b, _, _)) => {
+                self.scale_name(&b).is_some()
+                    && self
+                        .st
+                        .get(&format!("{}{b}", self.prefix))
+                        .is_ok_and(|v| DType::try_from(v.dtype()).ok() == Some(DType::F8E4M3))
+            }
+            _ => false,
+        }
+    }
+
+    /// Loads a BFL tensor in f32 with its fp8 scale applied, if it has one.
+    fn load_dequantized(&self, bfl: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        let full = format!("{}{bfl}", self.prefix);
+        let t32 = self.st.load(&full, dev)?.to_dtype(DType::F32)?;
+        let Some(scale_name) = self.scale_name(bfl) else {
+            return Ok(t32);
+        };
+        let s = self.st.load(&scale_name, dev)?.to_dtype(DType::F32)?;
+        let out = t32.dim(0)?;
+        let s = match s.elem_count() {
+            1 => s.flatten_all()?.reshape((1, 1))?,
+            n if n == out => s.reshape((out, 1))?,
+            n => candle_core::bail!("{full}: scale has {n} elements, expected 1 or {out}"),
+        };
+        t32.broadcast_mul(&s)
     }
 }
 
@@ -659,6 +745,10 @@ impl SimpleBackend for BflBackend {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if name.ends_with(RAW_FP8_SUFFIX) || name.ends_with(RAW_FP8_SCALE_SUFFIX) {
+            // Served as stored; the caller asks for the matching dtype.
+            return self.get_raw_fp8(name, dev);
+        }
         let src = bfl_source(name)
             .ok_or_else(|| candle_core::Error::msg(format!("no BFL tensor maps to {name}")))?;
         let t = match &src {
@@ -681,6 +771,9 @@ impl SimpleBackend for BflBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
+        if name.ends_with(RAW_FP8_SUFFIX) || name.ends_with(RAW_FP8_SCALE_SUFFIX) {
+            return self.has_raw_fp8(name);
+        }
         match bfl_source(name) {
             Some(BflSource::Direct(b) | BflSource::Chunk(b, _, _) | BflSource::SwapHalves(b)) => {
                 self.has(&b)
@@ -724,8 +817,9 @@ impl SimpleBackend for RecordingBackend {
         candle_core::bail!("recording backend: {name} requested without a shape")
     }
 
-    fn contains_tensor(&self, _name: &str) -> bool {
-        true
+    /// Every checkpoint name, but not the BFL backend's raw-fp8 aliases.
+    fn contains_tensor(&self, name: &str) -> bool {
+        !name.contains('#')
     }
 }
 

@@ -94,6 +94,30 @@ impl Default for UpscalerOptions {
     }
 }
 
+impl UpscalerOptions {
+    /// The options to use for a request of `scale`: a native RealESRGAN_x2plus for 2x when the
+    /// configured model is x4plus and an x2plus file has been put in the cache folder (never
+    /// downloaded for this), otherwise these options unchanged (2x = x4plus + Lanczos-4, as the
+    /// original service did).
+    pub fn for_scale(&self, scale: u32) -> UpscalerOptions {
+        let native_x2 = scale == 2
+            && self.model == UpscaleModel::X4Plus
+            && self.weights_file.is_none()
+            && UpscaleModel::X2Plus
+                .cache_candidates()
+                .iter()
+                .any(|n| self.weights_dir.join(n).is_file());
+        let mut o = self.clone();
+        if native_x2 {
+            o.model = UpscaleModel::X2Plus;
+            // pixel-unshuffle needs even tiles
+            o.tile -= o.tile % 2;
+            o.tile_pad -= o.tile_pad % 2;
+        }
+        o
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpscaleError {
     /// A caller-supplied value is out of range; the message names the field and the limit.
@@ -226,6 +250,7 @@ impl Upscaler {
             DType::F32
         };
         let net = Network::from_tensors(&arch, tensors, dtype, device).map_err(bad)?;
+        tracing::info!(model = opts.model.name(), path = %path.display(), ?arch, ?dtype, "loaded Real-ESRGAN");
         Self::from_network(net, device, opts.tile, opts.tile_pad).map(|mut u| {
             u.weights_path = path;
             u
@@ -340,6 +365,7 @@ impl Upscaler {
         h: u32,
         scale: u32,
     ) -> Result<Vec<u8>, UpscaleError> {
+        check_scale(scale)?;
         if w == 0 || h == 0 {
             return Err(UpscaleError::InvalidInput {
                 field: "image",

@@ -303,8 +303,11 @@ pub fn resolve_in_cache(
         return Err(UpscaleError::WeightsMissing {
             path: dest,
             fix: format!(
-                "download {} (sha256 {}) to that path, or enable downloads, or pass a weights file",
-                rel.url, rel.sha256
+                "downloads are disabled; put {} (sha256 {}) there, or any of {:?} in that folder, \
+                 or pass a weights file",
+                rel.url,
+                rel.sha256,
+                model.cache_candidates()
             ),
         });
     }
