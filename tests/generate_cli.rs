@@ -1,20 +1,18 @@
 //! `imagegen generate` on the tiny random-weight model writes the PNG diffusers produces.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux2")
-}
+mod common;
+use common::flux2_fixtures;
 
 #[test]
 fn generate_writes_the_reference_png() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
-    let dit = fixtures().join("dit");
+    let dit = flux2_fixtures().join("dit");
     let status = Command::new(env!("CARGO_BIN_EXE_imagegen"))
         .args(["generate", "--model"])
-        .arg(fixtures().join("tiny-model"))
+        .arg(flux2_fixtures().join("tiny-model"))
         .args([
             "--prompt",
             "the same fox, now in a forest",
@@ -55,7 +53,7 @@ fn generate_rejects_a_bad_reference_with_its_index() {
     image::RgbImage::new(32, 80).save(&small).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_imagegen"))
         .args(["generate", "--model"])
-        .arg(fixtures().join("tiny-model"))
+        .arg(flux2_fixtures().join("tiny-model"))
         .args([
             "--prompt",
             "x",
@@ -67,7 +65,7 @@ fn generate_rejects_a_bad_reference_with_its_index() {
             "cpu",
             "--reference",
         ])
-        .arg(fixtures().join("dit/ref_a.png"))
+        .arg(flux2_fixtures().join("dit/ref_a.png"))
         .arg("--reference")
         .arg(&small)
         .arg("--output")
