@@ -10,32 +10,12 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear_no_bias};
 
 use super::config::Qwen3Config;
+use super::layers::RmsNorm;
 use super::tokenizer::{PromptTokenizer, TokenizerError};
 use super::weights::{ModelFiles, WeightsError};
 
 /// `Flux2KleinPipeline` `text_encoder_out_layers`.
 pub const OUTPUT_LAYERS: [usize; 3] = [9, 18, 27];
-
-#[derive(Debug, Clone)]
-struct RmsNorm {
-    weight: Tensor,
-    eps: f32,
-}
-
-impl RmsNorm {
-    fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            eps: eps as f32,
-        })
-    }
-}
-
-impl Module for RmsNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
-    }
-}
 
 /// Half-split ("rotate_half") RoPE tables, computed in f32 like transformers and cast once.
 #[derive(Debug, Clone)]
@@ -111,30 +91,17 @@ impl Attention {
     /// `mask`: additive f32 `[B, 1, L, L]` (0 or -inf).
     fn forward(&self, x: &Tensor, mask: &Tensor, rope: &Rotary) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
+        let split = |t: Tensor, n: usize| t.reshape((b, l, n, self.head_dim));
         // Per-head RMSNorm on q and k before RoPE (Qwen3's QK-norm).
         let q = self
             .q_norm
-            .forward(
-                &self
-                    .q_proj
-                    .forward(x)?
-                    .reshape((b, l, self.num_heads, self.head_dim))?,
-            )?
+            .forward(&split(self.q_proj.forward(x)?, self.num_heads)?)?
             .transpose(1, 2)?;
         let k = self
             .k_norm
-            .forward(
-                &self
-                    .k_proj
-                    .forward(x)?
-                    .reshape((b, l, self.num_kv_heads, self.head_dim))?,
-            )?
+            .forward(&split(self.k_proj.forward(x)?, self.num_kv_heads)?)?
             .transpose(1, 2)?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((b, l, self.num_kv_heads, self.head_dim))?
-            .transpose(1, 2)?;
+        let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?.transpose(1, 2)?;
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
         let groups = self.num_heads / self.num_kv_heads;
