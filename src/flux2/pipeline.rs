@@ -197,6 +197,11 @@ fn transformer_config(files: &ModelFiles) -> Result<Flux2TransformerConfig, Flux
         .map_err(|message| WeightsError::BadFile { file: bfl, message }.into())
 }
 
+/// The VAE runs in f32 on the CPU, where candle's conv2d has no bf16 kernel.
+fn vae_dtype(device: &Device, dtype: DType) -> DType {
+    if device.is_cpu() { DType::F32 } else { dtype }
+}
+
 /// Position ids (t, row, col, 0) of an h×w token grid, row-major.
 fn grid_ids(t: f32, h: usize, w: usize, device: &Device) -> candle_core::Result<Tensor> {
     let mut v = Vec::with_capacity(h * w * 4);
@@ -245,8 +250,7 @@ impl Flux2Pipeline {
         }
         let (tvb, _format) = transformer_var_builder(files, dtype, &device)?;
         let transformer = Flux2Transformer2DModel::new(&tcfg, tvb, opts.quantization)?;
-        let vae_dtype = if device.is_cpu() { DType::F32 } else { dtype };
-        let vvb = files.component_var_builder("vae", vae_dtype, &device)?;
+        let vvb = files.component_var_builder("vae", vae_dtype(&device, dtype), &device)?;
         let vae = AutoencoderKLFlux2::new(&vcfg, vvb)?;
         if 4 * vcfg.latent_channels != tcfg.in_channels {
             return Err(WeightsError::BadFile {
@@ -333,11 +337,7 @@ impl Flux2Pipeline {
     }
 
     fn vae_dtype(&self) -> DType {
-        if self.device.is_cpu() {
-            DType::F32
-        } else {
-            self.dtype
-        }
+        vae_dtype(&self.device, self.dtype)
     }
 
     /// Prompt embeddings [1, 512, joint_attention_dim] as the transformer takes them.

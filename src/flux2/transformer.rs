@@ -7,7 +7,7 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::layers::RmsNorm;
+use super::layers::{RmsNorm, chunked_attention};
 use super::quant::{QLinear, Quantization, linear_no_bias};
 
 fn default_patch() -> usize {
@@ -222,34 +222,10 @@ const MAX_SCORES: usize = 1 << 28;
 
 /// Scaled dot-product attention over [B, H, S, d] inputs, no mask; returns [B, S, H·d].
 ///
-/// The single place where attention happens, so a fused kernel can replace it. The softmax
-/// kernels accumulate in f32 whatever the input dtype.
+/// The DiT's one attention entry point, so a fused kernel can replace it. The softmax kernels
+/// accumulate in f32 whatever the input dtype.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    attention_chunked(q, k, v, MAX_SCORES)
-}
-
-fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, max_scores: usize) -> Result<Tensor> {
-    let (b, h, s, d) = q.dims4()?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let q = q.contiguous()?;
-    let kt = k.t()?.contiguous()?;
-    let v = v.contiguous()?;
-    let kv_len = kt.dim(3)?;
-    let rows = (max_scores / (b * h * kv_len).max(1)).clamp(1, s);
-    let mut outs = Vec::with_capacity(s.div_ceil(rows));
-    let mut start = 0;
-    while start < s {
-        let n = rows.min(s - start);
-        let scores = (q.narrow(2, start, n)?.matmul(&kt)? * scale)?;
-        outs.push(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?);
-        start += n;
-    }
-    let out = if outs.len() == 1 {
-        outs.pop().expect("one chunk")
-    } else {
-        Tensor::cat(&outs, 2)?
-    };
-    out.transpose(1, 2)?.reshape((b, s, h * d))
+    chunked_attention(q, k, v, MAX_SCORES)
 }
 
 /// LayerNorm without affine parameters, through the fused kernel.
@@ -647,29 +623,6 @@ impl Flux2Transformer2DModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (b, h, s, d) = q.dims4()?;
-        let w = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? / (d as f64).sqrt())?)?;
-        w.matmul(v)?.transpose(1, 2)?.reshape((b, s, h * d))
-    }
-
-    #[test]
-    fn chunked_attention_equals_one_shot() -> Result<()> {
-        let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (1, 2, 37, 8), &dev)?;
-        let k = Tensor::randn(0f32, 1.0, (1, 2, 37, 8), &dev)?;
-        let v = Tensor::randn(0f32, 1.0, (1, 2, 37, 8), &dev)?;
-        let a = attention(&q, &k, &v)?;
-        let n = naive(&q, &k, &v)?;
-        let err = (a - &n)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(err < 1e-6, "{err}");
-        // 2·37·8 scores per chunk → 8 query rows per chunk, 5 chunks.
-        let c = attention_chunked(&q, &k, &v, 2 * 37 * 8)?;
-        let err = (c - &n)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(err < 1e-6, "{err}");
-        Ok(())
-    }
 
     #[test]
     fn rope_tables_follow_diffusers_frequencies() -> Result<()> {
