@@ -465,6 +465,16 @@ impl SingleBlock {
     }
 }
 
+/// exp(−ln(10000)·i / half) for i < half = channels / 2, computed in f32 as diffusers does.
+fn time_freqs(channels: usize, device: &Device) -> Result<Tensor> {
+    let half = channels / 2;
+    let ln_p = (10000f64).ln() as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((-ln_p * i as f32) / half as f32).exp())
+        .collect();
+    Tensor::from_vec(freqs, (1, half), device)
+}
+
 /// The FLUX.2 [klein] transformer.
 #[derive(Debug, Clone)]
 pub struct Flux2Transformer2DModel {
@@ -481,6 +491,8 @@ pub struct Flux2Transformer2DModel {
     norm_out_linear: QLinear,
     proj_out: QLinear,
     ln: PlainLayerNorm,
+    /// Frequencies of [`Self::time_proj`], [1, channels/2] f32; the same at every step.
+    time_freqs: Tensor,
     dtype: DType,
     device: Device,
 }
@@ -516,6 +528,7 @@ impl Flux2Transformer2DModel {
             norm_out_linear: linear_no_bias(d, 2 * d, vb.pp("norm_out").pp("linear"), q)?,
             proj_out: linear_no_bias(d, cfg.out_channels(), vb.pp("proj_out"), q)?,
             ln: PlainLayerNorm::new(d, cfg.eps, vb.dtype(), vb.device())?,
+            time_freqs: time_freqs(cfg.timestep_guidance_channels, vb.device())?,
             dtype: vb.dtype(),
             device: vb.device().clone(),
             cfg: cfg.clone(),
@@ -540,17 +553,11 @@ impl Flux2Transformer2DModel {
 
     /// 256-channel sinusoid of 1000·t, cosine first (diffusers `Timesteps(flip_sin_to_cos)`).
     fn time_proj(&self, timestep: &Tensor) -> Result<Tensor> {
-        let half = self.cfg.timestep_guidance_channels / 2;
-        let ln_p = (10000f64).ln() as f32;
-        let freqs: Vec<f32> = (0..half)
-            .map(|i| ((-ln_p * i as f32) / half as f32).exp())
-            .collect();
-        let freqs = Tensor::from_vec(freqs, (1, half), &self.device)?;
         let t = (timestep.to_dtype(self.dtype)? * 1000.0)?;
         let a = t
             .to_dtype(DType::F32)?
             .unsqueeze(1)?
-            .broadcast_mul(&freqs)?;
+            .broadcast_mul(&self.time_freqs)?;
         Tensor::cat(&[a.cos()?, a.sin()?], 1)?.to_dtype(self.dtype)
     }
 
