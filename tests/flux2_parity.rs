@@ -1,6 +1,7 @@
 //! Parity of the FLUX.2 DiT, VAE, schedule and reference preprocessing with diffusers (f32, CPU),
 //! on the tiny random-weight model. Fixtures: scripts/parity/make_dit_fixtures.py.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -18,7 +19,7 @@ fn model_dir() -> PathBuf {
     flux2_fixtures().join("tiny-model")
 }
 
-fn load(name: &str) -> std::collections::HashMap<String, Tensor> {
+fn load(name: &str) -> HashMap<String, Tensor> {
     load_safetensors(dit_fixture(name))
 }
 
@@ -31,18 +32,38 @@ fn vb_for(dir: &Path) -> VarBuilder<'static> {
     unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu).unwrap() }
 }
 
-fn transformer() -> Flux2Transformer2DModel {
-    let dir = model_dir().join("transformer");
-    let cfg: Flux2TransformerConfig =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    Flux2Transformer2DModel::new(&cfg, vb_for(&dir), Quantization::None).unwrap()
+/// `config.json` of a tiny-model component.
+fn config<T: serde::de::DeserializeOwned>(component: &str) -> T {
+    let path = model_dir().join(component).join("config.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn transformer(q: Quantization) -> Flux2Transformer2DModel {
+    let cfg: Flux2TransformerConfig = config("transformer");
+    Flux2Transformer2DModel::new(&cfg, vb_for(&model_dir().join("transformer")), q).unwrap()
 }
 
 fn vae() -> AutoencoderKLFlux2 {
-    let dir = model_dir().join("vae");
-    let cfg: AutoencoderKLFlux2Config =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    AutoencoderKLFlux2::new(&cfg, vb_for(&dir)).unwrap()
+    let cfg: AutoencoderKLFlux2Config = config("vae");
+    AutoencoderKLFlux2::new(&cfg, vb_for(&model_dir().join("vae"))).unwrap()
+}
+
+/// The transformer on `hidden_states` with the fixture's prompt, ids and timestep `t_name`.
+fn run_transformer(
+    model: &Flux2Transformer2DModel,
+    f: &HashMap<String, Tensor>,
+    hidden_states: &Tensor,
+    t_name: &str,
+) -> Tensor {
+    model
+        .forward(
+            hidden_states,
+            &f["encoder_hidden_states"],
+            &f[t_name],
+            &f["img_ids"],
+            &f["txt_ids"],
+        )
+        .unwrap()
 }
 
 #[test]
@@ -78,17 +99,9 @@ fn schedule_matches_diffusers() {
 #[test]
 fn transformer_matches_diffusers() {
     let f = load("transformer.safetensors");
-    let model = transformer();
+    let model = transformer(Quantization::None);
     for name in ["a", "b"] {
-        let out = model
-            .forward(
-                &f["hidden_states"],
-                &f["encoder_hidden_states"],
-                &f[&format!("timestep_{name}")],
-                &f["img_ids"],
-                &f["txt_ids"],
-            )
-            .unwrap();
+        let out = run_transformer(&model, &f, &f["hidden_states"], &format!("timestep_{name}"));
         let want = &f[&format!("output_{name}")];
         let err = max_abs_diff(&out, want);
         eprintln!("transformer case {name}: max abs error {err:e}");
@@ -104,15 +117,7 @@ fn transformer_matches_diffusers() {
         1,
     )
     .unwrap();
-    let moved = model
-        .forward(
-            &refs_zeroed,
-            &f["encoder_hidden_states"],
-            &f["timestep_a"],
-            &f["img_ids"],
-            &f["txt_ids"],
-        )
-        .unwrap();
+    let moved = run_transformer(&model, &f, &refs_zeroed, "timestep_a");
     let delta = max_abs_diff(
         &moved.narrow(1, 0, 12).unwrap(),
         &f["output_a"].narrow(1, 0, 12).unwrap(),
@@ -170,9 +175,7 @@ fn lanczos_resize_matches_pil() {
 #[test]
 fn transformer_from_bfl_single_files_matches_diffusers() {
     let f = load("transformer.safetensors");
-    let dir = model_dir().join("transformer");
-    let cfg: Flux2TransformerConfig =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg: Flux2TransformerConfig = config("transformer");
     for (file, tol) in [
         ("flux-2-klein-tiny.safetensors", 1e-4f32),
         ("flux-2-klein-tiny-fp8.safetensors", 0.2),
@@ -184,15 +187,7 @@ fn transformer_from_bfl_single_files_matches_diffusers() {
         )
         .unwrap();
         let model = Flux2Transformer2DModel::new(&cfg, vb, Quantization::None).unwrap();
-        let out = model
-            .forward(
-                &f["hidden_states"],
-                &f["encoder_hidden_states"],
-                &f["timestep_a"],
-                &f["img_ids"],
-                &f["txt_ids"],
-            )
-            .unwrap();
+        let out = run_transformer(&model, &f, &f["hidden_states"], "timestep_a");
         let err = max_abs_diff(&out, &f["output_a"]);
         eprintln!("{file}: max abs error {err:e}");
         assert!(err < tol, "{file}: {err}");
@@ -203,21 +198,9 @@ fn transformer_from_bfl_single_files_matches_diffusers() {
 #[test]
 fn quantized_transformer_stays_close() {
     let f = load("transformer.safetensors");
-    let dir = model_dir().join("transformer");
-    let cfg: Flux2TransformerConfig =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     // fp8 e4m3 keeps 3 mantissa bits, int8 about 7: outputs are ~3.5 in magnitude.
     for (q, tol) in [(Quantization::Fp8, 0.3f32), (Quantization::Int8, 0.1)] {
-        let model = Flux2Transformer2DModel::new(&cfg, vb_for(&dir), q).unwrap();
-        let out = model
-            .forward(
-                &f["hidden_states"],
-                &f["encoder_hidden_states"],
-                &f["timestep_a"],
-                &f["img_ids"],
-                &f["txt_ids"],
-            )
-            .unwrap();
+        let out = run_transformer(&transformer(q), &f, &f["hidden_states"], "timestep_a");
         let err = max_abs_diff(&out, &f["output_a"]);
         eprintln!("quantization {q}: max abs error {err:e}");
         assert!(err < tol && err > 0.0, "{q}: {err}");
