@@ -1,6 +1,7 @@
 //! `Flux2Pipeline`: text-to-image and multi-reference generation with FLUX.2 [klein], step for
 //! step what diffusers' `Flux2KleinPipeline` does (see flux2-klein.md §5).
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -143,6 +144,9 @@ pub struct Flux2Pipeline {
     vae: AutoencoderKLFlux2,
     device: Device,
     dtype: DType,
+    /// Embeddings of the empty prompt, CFG's negative: the same for every request, so encoded
+    /// once, on first use.
+    empty_prompt: OnceLock<Tensor>,
 }
 
 /// Width or height after flooring to a multiple of `multiple` (diffusers resizes silently).
@@ -271,6 +275,7 @@ impl Flux2Pipeline {
             vae,
             device,
             dtype,
+            empty_prompt: OnceLock::new(),
         })
     }
 
@@ -345,6 +350,14 @@ impl Flux2Pipeline {
         Ok(self.text.encode(&[prompt])?)
     }
 
+    fn empty_prompt_embeds(&self) -> Result<Tensor, Flux2Error> {
+        if let Some(t) = self.empty_prompt.get() {
+            return Ok(t.clone());
+        }
+        let t = self.encode_prompt("")?;
+        Ok(self.empty_prompt.get_or_init(|| t).clone())
+    }
+
     pub fn generate(
         &self,
         p: &GenerateParams,
@@ -390,7 +403,7 @@ impl Flux2Pipeline {
         let t0 = Instant::now();
         let embeds = self.encode_prompt(&p.prompt)?;
         let neg = if cfg {
-            Some(self.encode_prompt("")?)
+            Some(self.empty_prompt_embeds()?)
         } else {
             None
         };
