@@ -263,19 +263,19 @@ impl Qwen3TextEncoder {
         let (b, l) = input_ids.dims2()?;
         let mask = build_mask(attention_mask, b, l, input_ids.device())?;
         let mut x = self.embed_tokens.forward(input_ids)?;
+        // Only the requested depths are kept alive, not every layer's output.
         let mut states: Vec<Option<Tensor>> = vec![None; self.output_layers.len()];
-        for (slot, &k) in self.output_layers.iter().enumerate() {
-            if k == 0 {
-                states[slot] = Some(x.clone());
-            }
-        }
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &mask, &self.rope)?;
+        let mut keep = |depth: usize, x: &Tensor| {
             for (slot, &k) in self.output_layers.iter().enumerate() {
-                if k == i + 1 {
+                if k == depth {
                     states[slot] = Some(x.clone());
                 }
             }
+        };
+        keep(0, &x);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &mask, &self.rope)?;
+            keep(i + 1, &x);
         }
         let states: Vec<Tensor> = states.into_iter().map(|s| s.expect("filled")).collect();
         // [B, L, 3, h] -> [B, L, 3h]: per token, [layer 9 | layer 18 | layer 27].
@@ -356,14 +356,6 @@ impl PromptEncoder {
             encoder,
             device: device.clone(),
         })
-    }
-
-    pub fn tokenizer(&self) -> &PromptTokenizer {
-        &self.tokenizer
-    }
-
-    pub fn encoder(&self) -> &Qwen3TextEncoder {
-        &self.encoder
     }
 
     /// Width of the embeddings per token (the DiT's `joint_attention_dim`).
