@@ -14,6 +14,11 @@ use imagegen::flux2::weights::{
 mod common;
 use common::{flux2_fixtures, load_safetensors, max_abs, max_abs_diff};
 
+/// `weights::bfl_var_builder` (f32, CPU) over a BFL single-file fixture; also says if it is fp8.
+fn bfl_file(name: &str) -> (VarBuilder<'static>, bool) {
+    bfl_var_builder(&flux2_fixtures().join(name), DType::F32, &Device::Cpu).unwrap()
+}
+
 /// Every tensor name and shape of the diffusers transformer checkpoint.
 fn diffusers_transformer() -> Vec<(String, Tensor)> {
     let mut v: Vec<(String, Tensor)> = load_safetensors(
@@ -39,12 +44,7 @@ fn diffusers_dir_gives_the_diffusers_transformer() {
 
 #[test]
 fn bfl_single_file_gives_identical_diffusers_tensors() {
-    let (vb, fp8) = bfl_var_builder(
-        &flux2_fixtures().join("flux-2-klein-tiny.safetensors"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (vb, fp8) = bfl_file("flux-2-klein-tiny.safetensors");
     assert!(!fp8);
     let all = diffusers_transformer();
     assert!(all.len() > 30);
@@ -64,12 +64,7 @@ fn bfl_final_layer_halves_are_swapped() {
     let raw = load_safetensors(flux2_fixtures().join("flux-2-klein-tiny.safetensors"));
     let bfl = &raw["final_layer.adaLN_modulation.1.weight"];
     let half = bfl.dim(0).unwrap() / 2;
-    let (vb, _) = bfl_var_builder(
-        &flux2_fixtures().join("flux-2-klein-tiny.safetensors"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (vb, _) = bfl_file("flux-2-klein-tiny.safetensors");
     let d = vb.get(bfl.shape(), "norm_out.linear.weight").unwrap();
     let top = d.narrow(0, 0, half).unwrap();
     assert_eq!(max_abs_diff(&top, &bfl.narrow(0, half, half).unwrap()), 0.0);
@@ -84,12 +79,7 @@ fn bfl_final_layer_halves_are_swapped() {
 
 #[test]
 fn bfl_fp8_file_applies_its_scales() {
-    let (vb, fp8) = bfl_var_builder(
-        &flux2_fixtures().join("flux-2-klein-tiny-fp8.safetensors"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (vb, fp8) = bfl_file("flux-2-klein-tiny-fp8.safetensors");
     assert!(fp8);
     let raw = load_safetensors(flux2_fixtures().join("flux-2-klein-tiny-fp8.safetensors"));
     assert_eq!(
@@ -273,12 +263,7 @@ fn hub_repo_served_from_the_cache_when_offline() {
 fn fp8_linear_keeps_the_files_fp8_weights() {
     use candle_core::Module;
     use imagegen::flux2::quant::{Quantization, linear_no_bias};
-    let (vb, _) = bfl_var_builder(
-        &flux2_fixtures().join("flux-2-klein-tiny-fp8.safetensors"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (vb, _) = bfl_file("flux-2-klein-tiny-fp8.safetensors");
     let names = [
         ("transformer_blocks.1.attn", "to_k", 48, 48),
         ("transformer_blocks.0.attn", "add_v_proj", 48, 48),
