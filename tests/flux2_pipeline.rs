@@ -13,7 +13,7 @@ use imagegen::flux2::vae::{unpack, unpatchify};
 use imagegen::flux2::weights::ModelFiles;
 
 mod common;
-use common::{dit_fixture, flux2_fixtures, load_safetensors, max_abs_diff};
+use common::{compare_images, dit_fixture, flux2_fixtures, load_safetensors, max_abs_diff};
 
 fn opts(model: &Path) -> LoadOptions {
     LoadOptions {
@@ -99,26 +99,6 @@ fn params(c: &Case, latents: Option<Tensor>) -> GenerateParams {
     }
 }
 
-/// (fraction of pixels within 1 level, max level difference).
-fn compare(a: &RgbImage, b: &RgbImage) -> (f64, u8) {
-    assert_eq!(a.dimensions(), b.dimensions());
-    let mut ok = 0usize;
-    let mut worst = 0u8;
-    for (pa, pb) in a.pixels().zip(b.pixels()) {
-        let d =
-            pa.0.iter()
-                .zip(pb.0)
-                .map(|(x, y)| x.abs_diff(y))
-                .max()
-                .unwrap();
-        worst = worst.max(d);
-        if d <= 1 {
-            ok += 1;
-        }
-    }
-    (ok as f64 / (a.width() * a.height()) as f64, worst)
-}
-
 fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> f64 {
     let n = a.as_raw().len() as f64;
     a.as_raw()
@@ -166,7 +146,7 @@ fn run_case(p: &Flux2Pipeline, c: &Case) {
     let want = image::open(dit_fixture(&format!("pipe_{}.png", c.name)))
         .unwrap()
         .to_rgb8();
-    let (frac, worst) = compare(&out.image, &want);
+    let (frac, worst) = compare_images(&out.image, &want);
     eprintln!(
         "{}: {}x{} final-latent max abs error {lat_err:e}, pixels within 1 level {:.4}%, max diff {worst}",
         c.name,
@@ -250,7 +230,7 @@ fn non_distilled_model_uses_cfg_like_diffusers() {
         .generate(&params(&c, Some(t["latents"].clone())), None, &never)
         .unwrap()
         .image;
-    let (frac, worst) = compare(&again, &want_cfg);
+    let (frac, worst) = compare_images(&again, &want_cfg);
     assert!(
         frac >= 0.999,
         "cached negative prompt: {frac} within 1 level, max {worst}"

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use image::RgbImage;
 
 /// `tests/fixtures/<sub>` in this crate.
 pub fn fixtures(sub: &str) -> PathBuf {
@@ -50,4 +51,23 @@ pub fn max_abs(t: &Tensor) -> f32 {
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     max_abs(&(a - b).unwrap())
+}
+
+/// (fraction of pixels whose channels are all within 1 level, max level difference) of two
+/// images of the same size.
+pub fn compare_images(a: &RgbImage, b: &RgbImage) -> (f64, u8) {
+    assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
+    let mut ok = 0usize;
+    let mut worst = 0u8;
+    for (pa, pb) in a.pixels().zip(b.pixels()) {
+        let d =
+            pa.0.iter()
+                .zip(pb.0)
+                .map(|(x, y)| x.abs_diff(y))
+                .max()
+                .unwrap();
+        worst = worst.max(d);
+        ok += usize::from(d <= 1);
+    }
+    (ok as f64 / (a.width() * a.height()) as f64, worst)
 }
