@@ -135,3 +135,13 @@ fixtures: fixtures-flux2-dit
 bench-flux2-cpu: ## FLUX.2 transformer forward + VAE decode on CPU: candle vs PyTorch, same threads
 	$(CARGO) bench --bench flux2_cpu
 	$(PARITY_VENV)/bin/python benches/flux2_torch.py
+
+# --- service ---
+# The HTTP tests need nothing outside git: s3s-fs (a real SigV4-checking S3 server) runs inside
+# the test process, and the tiny FLUX.2 model and upscaler are committed fixtures.
+.PHONY: bench-service smoke
+bench-service: ## /health latency idle vs while the worker generates (tiny model, CPU)
+	$(CARGO) test --bench service_health -- --bench
+
+smoke: ## start the server on CPU with the tiny random-weight test model (images are noise)
+	MODEL_ID=tests/fixtures/flux2/tiny-model DEVICE=cpu $(CARGO) run --release -- serve

@@ -1,8 +1,149 @@
-//! Server configuration: every flag is also an environment variable.
+//! Server configuration: every flag is also an environment variable (`--help` documents both).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::device::DeviceKind;
+use crate::flux2::Quantization;
+
+/// The default model, as in the original service.
+pub const DEFAULT_MODEL_ID: &str = "black-forest-labs/FLUX.2-klein-4B";
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
 
 /// Arguments of `imagegen serve` (also what the binary does with no subcommand).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct ServeArgs {}
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// Port to listen on.
+    #[arg(long, env = "PORT", default_value_t = 7000)]
+    pub port: u16,
+
+    /// FLUX.2 model: `4B`, `9B`, a hub repo id, or a local directory in the diffusers layout.
+    #[arg(long, env = "MODEL_ID", default_value = DEFAULT_MODEL_ID)]
+    pub model_id: String,
+
+    /// Hugging Face token; needed only for gated repos (the 9B model). Never logged.
+    #[arg(long, env = "HUGGING_FACE_TOKEN", hide_env_values = true)]
+    pub hf_token: Option<String>,
+
+    /// Alias of HUGGING_FACE_TOKEN, used when that is unset.
+    #[arg(
+        long = "hf-token-alias",
+        env = "HF_TOKEN",
+        hide = true,
+        hide_env_values = true
+    )]
+    pub hf_token_alias: Option<String>,
+
+    /// Load the FLUX model at startup. `false`, `0` or `no` skip it: /generate then answers 503,
+    /// /upscale still works.
+    #[arg(long, env = "PRELOAD_MODELS", default_value = "true", action = clap::ArgAction::Set,
+          value_parser = parse_preload)]
+    pub preload_models: bool,
+
+    /// Transformer weight storage: `none`, `fp8` or `int8`. Anything else stops startup.
+    #[arg(long, env = "QUANTIZATION", default_value = "none", value_parser = parse_quantization)]
+    pub quantization: Quantization,
+
+    /// Compute device.
+    #[arg(long, env = "DEVICE", value_enum, default_value_t = DeviceKind::Auto)]
+    pub device: DeviceKind,
+
+    /// Log filter: a level (`info`, `debug`, ...) or a tracing-subscriber directive.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format: `text` or `json` (one JSON object per line).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Jobs (generate or upscale requests) that may wait for the GPU worker; more get 503.
+    #[arg(long, env = "QUEUE_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue_size: u32,
+
+    /// Seconds suggested to clients in `Retry-After` when the queue is full.
+    #[arg(long, env = "RETRY_AFTER_SECS", default_value_t = 10)]
+    pub retry_after_secs: u64,
+
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Timeout of each download (reference images, /upscale input), in seconds.
+    #[arg(long, env = "DOWNLOAD_TIMEOUT_SECS", default_value_t = 60)]
+    pub download_timeout_secs: u64,
+
+    /// Largest downloaded file, in bytes.
+    #[arg(long, env = "MAX_DOWNLOAD_BYTES", default_value_t = 50_000_000)]
+    pub max_download_bytes: u64,
+
+    /// Largest decoded input image, in pixels (width x height), checked before decoding.
+    #[arg(long, env = "MAX_INPUT_PIXELS", default_value_t = 4096 * 4096)]
+    pub max_input_pixels: u64,
+
+    /// Redirects followed per download; each hop is re-checked.
+    #[arg(long, env = "MAX_REDIRECTS", default_value_t = 5)]
+    pub max_redirects: u32,
+
+    /// Allow downloads and uploads to loopback, private, link-local and unique-local addresses
+    /// (off by default: server-side request forgery guard).
+    #[arg(long, env = "ALLOW_PRIVATE_URLS", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub allow_private_urls: bool,
+
+    /// Timeout of each upload attempt, in seconds.
+    #[arg(long, env = "UPLOAD_TIMEOUT_SECS", default_value_t = 120)]
+    pub upload_timeout_secs: u64,
+
+    /// Retries of an upload after a connection error or a 5xx answer (never after a 4xx).
+    #[arg(long, env = "UPLOAD_RETRIES", default_value_t = 3)]
+    pub upload_retries: u32,
+
+    /// First retry delay in milliseconds; doubles on each retry.
+    #[arg(long, env = "UPLOAD_RETRY_BASE_MS", default_value_t = 500)]
+    pub upload_retry_base_ms: u64,
+
+    /// Seconds to finish in-flight work after SIGTERM/SIGINT before cancelling it.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
+    /// Seconds to keep accepting requests after SIGTERM/SIGINT while `/ready` answers 503 (lets a
+    /// load balancer notice before the listener closes); new jobs get 503 meanwhile.
+    #[arg(long, env = "SHUTDOWN_DRAIN_DELAY_SECS", default_value_t = 0)]
+    pub shutdown_drain_delay_secs: u64,
+
+    /// Real-ESRGAN weights cache folder (default `~/.cache/realesrgan`).
+    #[arg(long, env = "UPSCALER_WEIGHTS_DIR")]
+    pub upscaler_weights_dir: Option<PathBuf>,
+
+    /// A specific Real-ESRGAN weights file (.pth, .safetensors or ncnn .param/.bin).
+    #[arg(long, env = "UPSCALER_WEIGHTS")]
+    pub upscaler_weights: Option<PathBuf>,
+
+    /// Real-ESRGAN network: `x4plus` (the original's), `x2plus` or `general-x4v3`.
+    #[arg(long, env = "UPSCALER_MODEL", default_value = "x4plus", value_parser = parse_upscale_model)]
+    pub upscaler_model: crate::upscale::UpscaleModel,
+
+    /// Tile size of the upscaler (0 = whole image at once).
+    #[arg(long, env = "UPSCALE_TILE", default_value_t = 256)]
+    pub upscale_tile: u32,
+
+    /// Download missing upscaler weights from the official release.
+    #[arg(long, env = "UPSCALER_ALLOW_DOWNLOAD", default_value_t = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub upscaler_allow_download: bool,
+}
 
 impl ServeArgs {
     /// The serve arguments from the environment alone, for a bare `imagegen` invocation.
@@ -13,5 +154,105 @@ impl ServeArgs {
             serve: ServeArgs,
         }
         <Bare as clap::Parser>::parse_from(["imagegen"]).serve
+    }
+
+    /// Parses arguments as `imagegen serve ARGS...` would (environment included); for tests.
+    pub fn try_parse_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        /// Later flags override earlier ones (tests add to a base set).
+        #[derive(clap::Parser)]
+        #[command(args_override_self = true)]
+        struct Bare {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let args = std::iter::once(std::ffi::OsString::from("imagegen"))
+            .chain(args.into_iter().map(Into::into));
+        <Bare as clap::Parser>::try_parse_from(args).map(|b| b.serve)
+    }
+
+    /// HUGGING_FACE_TOKEN, else HF_TOKEN; empty strings count as unset.
+    pub fn token(&self) -> Option<String> {
+        [&self.hf_token, &self.hf_token_alias]
+            .into_iter()
+            .flatten()
+            .find(|t| !t.is_empty())
+            .cloned()
+    }
+
+    /// `4B` and `9B` expand to the full repo ids (exact, case-sensitive, as in the original).
+    pub fn resolved_model_id(&self) -> String {
+        match self.model_id.as_str() {
+            "4B" => "black-forest-labs/FLUX.2-klein-4B".to_string(),
+            "9B" => "black-forest-labs/FLUX.2-klein-9B".to_string(),
+            other => other.to_string(),
+        }
+    }
+
+    pub fn download_timeout(&self) -> Duration {
+        Duration::from_secs(self.download_timeout_secs)
+    }
+
+    pub fn upload_timeout(&self) -> Duration {
+        Duration::from_secs(self.upload_timeout_secs)
+    }
+
+    /// The upscaler cache folder: the flag, else `~/.cache/realesrgan`.
+    pub fn upscaler_dir(&self) -> PathBuf {
+        self.upscaler_weights_dir
+            .clone()
+            .unwrap_or_else(crate::upscale::default_cache_dir)
+    }
+}
+
+/// The original's rule: after lowercasing, `false`, `0` and `no` disable preloading; anything else
+/// enables it.
+fn parse_preload(s: &str) -> Result<bool, String> {
+    Ok(!matches!(s.to_lowercase().as_str(), "false" | "0" | "no"))
+}
+
+fn parse_upscale_model(s: &str) -> Result<crate::upscale::UpscaleModel, String> {
+    s.parse()
+}
+
+fn parse_quantization(s: &str) -> Result<Quantization, String> {
+    s.parse()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_quantization_is_an_error_naming_the_choices() {
+        let err = ServeArgs::try_parse_from(["--quantization", "fp4"]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("fp4"), "{text}");
+        assert!(text.contains("none, fp8, int8"), "{text}");
+    }
+
+    #[test]
+    fn preload_follows_the_original_rule() {
+        for (v, want) in [
+            ("false", false),
+            ("NO", false),
+            ("0", false),
+            ("yes", true),
+            ("x", true),
+        ] {
+            let a = ServeArgs::try_parse_from(["--preload-models", v]).unwrap();
+            assert_eq!(a.preload_models, want, "{v}");
+        }
+    }
+
+    #[test]
+    fn model_shortcuts_expand_exactly() {
+        let a = ServeArgs::try_parse_from(["--model-id", "9B"]).unwrap();
+        assert_eq!(a.resolved_model_id(), "black-forest-labs/FLUX.2-klein-9B");
+        let a = ServeArgs::try_parse_from(["--model-id", "9b"]).unwrap();
+        assert_eq!(a.resolved_model_id(), "9b");
     }
 }

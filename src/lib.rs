@@ -10,4 +10,5 @@ pub mod device;
 pub mod engine;
 pub mod flux2;
 pub mod io;
+pub mod telemetry;
 pub mod upscale;

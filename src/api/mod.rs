@@ -1,8 +1,265 @@
-//! The HTTP API (axum): routes, request/response schemas, errors, OpenAPI.
+//! The HTTP API (axum): routes, request/response schemas, errors, OpenAPI, startup, shutdown.
+
+mod errors;
+pub mod openapi;
+mod routes;
+pub mod schemas;
+
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::HeaderName;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub use errors::ApiError;
 
 use crate::config::ServeArgs;
+use crate::device::GpuInfo;
+use crate::engine::{Admission, BackendLoader, Engine, ImageBackend, UpscaleBackend};
+use crate::flux2::Quantization;
+use crate::io::{FetchConfig, Fetcher, UploadConfig, Uploader, UrlPolicy};
+use crate::telemetry::{self, Metrics, labels};
 
-/// Runs the server until SIGTERM/SIGINT.
-pub async fn serve(_args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("the server is not implemented yet")
+/// The API version the root endpoint reports (the original's, since the API is the same).
+pub const API_VERSION: &str = "0.2.0";
+
+/// Everything the handlers share.
+pub struct AppState {
+    pub engine: Engine,
+    pub fetcher: Fetcher,
+    pub uploader: Uploader,
+    pub metrics: Arc<Metrics>,
+    pub gpu: RwLock<GpuInfo>,
+    pub model_id: String,
+    pub quantization: Quantization,
+    pub max_input_pixels: u64,
+    pub retry_after_secs: u64,
+}
+
+impl AppState {
+    /// A queue place, or the 503 that says the queue is full.
+    fn admit(&self) -> Result<Admission, ApiError> {
+        self.engine.admit().map_err(|full| {
+            self.metrics
+                .inc("imagegen_queue_rejections_total", String::new(), 1);
+            ApiError::QueueFull {
+                full,
+                retry_after: self.retry_after_secs,
+            }
+        })
+    }
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The router with every route and middleware.
+pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    let api = Router::new()
+        .route("/", get(routes::root))
+        .route("/health", get(routes::health))
+        .route("/ready", get(routes::ready))
+        .route("/live", get(routes::live))
+        .route("/metrics", get(routes::metrics))
+        .route("/generate", post(routes::generate))
+        .route("/upscale", post(routes::upscale))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state.clone());
+    Router::new()
+        .merge(openapi::docs_router())
+        .merge(api)
+        .layer(middleware::from_fn_with_state(state, count_requests))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                let id = req
+                    .headers()
+                    .get(&REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                // The path only: query strings may carry credentials.
+                tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// Counts requests by route template (never the raw path: bounded label values) and status.
+async fn count_requests(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let resp = next.run(req).await;
+    state.metrics.inc(
+        "imagegen_http_requests_total",
+        labels(&[("route", &route), ("status", resp.status().as_str())]),
+        1,
+    );
+    resp
+}
+
+/// Runs the server until SIGTERM/SIGINT: binds first, then loads the model in the background.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    telemetry::init_logging(&args.log_level, args.log_format)?;
+    let listener = TcpListener::bind((args.host, args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{} (HOST/PORT)", args.host, args.port))?;
+    serve_on(listener, args, shutdown_signal()).await
+}
+
+/// The production server on a given listener, until `shutdown` completes.
+pub async fn serve_on(
+    listener: TcpListener,
+    args: ServeArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let device = args
+        .device
+        .open()
+        .with_context(|| format!("cannot open device '{:?}' (DEVICE)", args.device))?;
+    let loader = crate::engine::models::flux_loader(&args, &device);
+    let upscaler = crate::engine::models::upscaler(&args, &device);
+    run(listener, args, device.is_cuda(), loader, upscaler, shutdown).await
+}
+
+/// The server with any backend (tests use this with their own).
+pub async fn run<B: ImageBackend, U: UpscaleBackend>(
+    listener: TcpListener,
+    args: ServeArgs,
+    on_gpu: bool,
+    loader: Option<BackendLoader<B>>,
+    upscaler: U,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let policy = UrlPolicy {
+        allow_private: args.allow_private_urls,
+    };
+    if policy.allow_private {
+        tracing::warn!(
+            "ALLOW_PRIVATE_URLS=true: downloads and uploads may reach loopback and private networks"
+        );
+    }
+    let model_id = args.resolved_model_id();
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        model_id,
+        quantization = %args.quantization,
+        preload = args.preload_models,
+        device = if on_gpu { "cuda" } else { "cpu" },
+        token = if args.token().is_some() { "set" } else { "unset" },
+        queue_size = args.queue_size,
+        "STARTING IMAGE-GEN SERVER"
+    );
+    let metrics = Arc::new(Metrics::default());
+    let loader = if args.preload_models { loader } else { None };
+    let engine = Engine::start(args.queue_size as usize, loader, upscaler, metrics.clone())?;
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        fetcher: Fetcher::new(FetchConfig {
+            timeout: args.download_timeout(),
+            max_bytes: args.max_download_bytes,
+            max_redirects: args.max_redirects,
+            policy,
+        })?,
+        uploader: Uploader::new(UploadConfig {
+            timeout: args.upload_timeout(),
+            retries: args.upload_retries,
+            retry_base: Duration::from_millis(args.upload_retry_base_ms),
+            policy,
+        })?,
+        metrics,
+        gpu: RwLock::new(GpuInfo {
+            available: on_gpu,
+            ..Default::default()
+        }),
+        model_id,
+        quantization: args.quantization,
+        max_input_pixels: args.max_input_pixels,
+        retry_after_secs: args.retry_after_secs,
+    });
+    if on_gpu {
+        tokio::spawn(sample_gpu(Arc::downgrade(&state)));
+    }
+
+    let app = router(state.clone(), args.max_body_bytes);
+    let engine_state = engine.state().clone();
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain_delay = Duration::from_secs(args.shutdown_drain_delay_secs);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: draining (/ready now answers 503)");
+        engine_state.start_draining();
+        let _ = signalled_tx.send(());
+        // Keep the listener open a little so load balancers see /ready fail first.
+        tokio::time::sleep(drain_delay).await;
+    });
+    let grace = Duration::from_secs(args.shutdown_grace_secs);
+    let engine_state = engine.state().clone();
+    let mut server = std::pin::pin!(server.into_future());
+    tokio::select! {
+        r = &mut server => r?,
+        _ = async { if signalled_rx.await.is_ok() { tokio::time::sleep(grace).await } else { std::future::pending().await } } => {
+            tracing::warn!("grace period of {grace:?} over: cancelling running work");
+            engine_state.abort_all();
+            if tokio::time::timeout(Duration::from_secs(10), &mut server).await.is_err() {
+                tracing::warn!("connections still open after cancelling; exiting anyway");
+            }
+        }
+    }
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+/// Refreshes the GPU name and memory every 10 s (nvidia-smi runs off the async threads).
+async fn sample_gpu(state: std::sync::Weak<AppState>) {
+    loop {
+        let Some(sample) = tokio::task::spawn_blocking(crate::device::query_nvidia_smi)
+            .await
+            .ok()
+        else {
+            return;
+        };
+        let Some(state) = state.upgrade() else { return };
+        if let Some((name, total, used)) = sample {
+            let mut gpu = state.gpu.write().unwrap_or_else(|p| p.into_inner());
+            gpu.name = Some(name);
+            gpu.memory_gb = Some(total);
+            gpu.memory_used_gb = Some(used);
+        }
+        drop(state);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }

@@ -1,0 +1,131 @@
+//! The real model backends the server runs: the FLUX.2 pipeline and Real-ESRGAN.
+
+use candle_core::Device;
+use image::RgbImage;
+
+use super::{BackendLoader, EngineError, ImageBackend, ItemParams, Upscale, UpscaleBackend};
+use crate::config::ServeArgs;
+use crate::device::default_dtype;
+use crate::flux2::pipeline::{
+    Flux2Error, Flux2Pipeline, GenerateParams, LoadOptions, ReferenceLatents,
+};
+use crate::upscale::{UpscaleError, Upscaler, UpscalerOptions};
+
+impl From<Flux2Error> for EngineError {
+    fn from(e: Flux2Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Flux2Error::InvalidInput { .. } | Flux2Error::InvalidReference(_) => {
+                EngineError::InvalidInput(msg)
+            }
+            Flux2Error::ModelFiles(_) | Flux2Error::Tokenizer(_) => EngineError::ModelFiles(msg),
+            Flux2Error::Cancelled => EngineError::Cancelled,
+            Flux2Error::Candle(_) => EngineError::Device(msg),
+        }
+    }
+}
+
+/// The FLUX.2 [klein] pipeline.
+pub struct Flux {
+    pub pipeline: Flux2Pipeline,
+}
+
+impl ImageBackend for Flux {
+    type References = ReferenceLatents;
+
+    fn encode_references(&self, images: &[RgbImage]) -> Result<ReferenceLatents, EngineError> {
+        Ok(self.pipeline.encode_references(images)?)
+    }
+
+    fn generate(
+        &self,
+        item: &ItemParams,
+        refs: Option<&ReferenceLatents>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<RgbImage, EngineError> {
+        let params = GenerateParams {
+            prompt: item.prompt.clone(),
+            width: item.width,
+            height: item.height,
+            num_steps: item.num_steps,
+            seed: item.seed,
+            guidance_scale: item.guidance_scale,
+            latents: None,
+        };
+        let out = self.pipeline.generate(&params, refs, cancelled)?;
+        tracing::debug!(
+            text_encoder_ms = out.timings.text_encoder_ms,
+            denoise_ms = out.timings.denoise_ms,
+            vae_decode_ms = out.timings.vae_decode_ms,
+            "generated"
+        );
+        Ok(out.image)
+    }
+}
+
+/// Loads the configured model on the worker thread (the token is passed, never logged).
+pub fn flux_loader(args: &ServeArgs, device: &Device) -> Option<BackendLoader<Flux>> {
+    let opts = LoadOptions {
+        model_id: args.resolved_model_id(),
+        quantization: args.quantization,
+        device: device.clone(),
+        dtype: default_dtype(device),
+        hf_token: args.token(),
+    };
+    Some(Box::new(move || {
+        tracing::info!(model_id = %opts.model_id, quantization = %opts.quantization, dtype = ?opts.dtype, "Loading FLUX model");
+        Ok(Flux {
+            pipeline: Flux2Pipeline::load(&opts)?,
+        })
+    }))
+}
+
+impl From<UpscaleError> for EngineError {
+    fn from(e: UpscaleError) -> Self {
+        let msg = e.to_string();
+        match e {
+            UpscaleError::InvalidInput { .. } => EngineError::InvalidInput(msg),
+            UpscaleError::WeightsMissing { .. }
+            | UpscaleError::BadWeights { .. }
+            | UpscaleError::Download { .. }
+            | UpscaleError::Checksum { .. }
+            | UpscaleError::Io { .. } => EngineError::ModelFiles(msg),
+            UpscaleError::OutOfMemory { .. } | UpscaleError::Candle(_) => EngineError::Device(msg),
+        }
+    }
+}
+
+/// Real-ESRGAN, loaded per request on the worker's device.
+pub struct RealEsrgan {
+    pub options: UpscalerOptions,
+    pub device: Device,
+}
+
+impl UpscaleBackend for RealEsrgan {
+    type Upscaler = Upscaler;
+
+    fn load(&self) -> Result<Upscaler, EngineError> {
+        Ok(Upscaler::load(&self.options, &self.device)?)
+    }
+}
+
+impl Upscale for Upscaler {
+    fn upscale(&self, image: &RgbImage, scale: u32) -> Result<RgbImage, EngineError> {
+        Ok(Upscaler::upscale(self, image, scale)?)
+    }
+}
+
+/// The upscaler backend the server configuration asks for.
+pub fn upscaler(args: &ServeArgs, device: &Device) -> RealEsrgan {
+    RealEsrgan {
+        options: UpscalerOptions {
+            model: args.upscaler_model,
+            weights_dir: args.upscaler_dir(),
+            weights_file: args.upscaler_weights.clone(),
+            tile: args.upscale_tile,
+            tile_pad: 10,
+            allow_download: args.upscaler_allow_download,
+        },
+        device: device.clone(),
+    }
+}

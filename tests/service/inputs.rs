@@ -1,0 +1,118 @@
+//! Downloads and uploads: SSRF refusals (decided before any connection), byte and pixel caps,
+//! redirects re-checked per hop.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::{Peer, Server};
+
+async fn upscale_error(s: &Server, image_url: &str, upload_url: &str) -> String {
+    let resp = s
+        .post(
+            "/upscale",
+            json!({"image_url": image_url, "upload_url": upload_url}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["success"], false, "{v}");
+    v["error"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn private_and_metadata_targets_are_refused_by_default() {
+    // This server keeps the default policy: no loopback, private or link-local targets.
+    let s = Server::start_real(&["--allow-private-urls", "false"]).await;
+    let peer = Peer::start().await;
+    let cases = [
+        (peer.url("/ref.png"), "loopback"),
+        (
+            "http://169.254.169.254/latest/meta-data/".to_string(),
+            "link-local",
+        ),
+        ("http://10.0.0.1/x.png".to_string(), "private"),
+        ("http://[::1]:9/x.png".to_string(), "loopback"),
+        (
+            format!("http://localhost:{}/ref.png", peer.addr.port()),
+            "local name",
+        ),
+        ("file:///etc/passwd".to_string(), "only http and https"),
+    ];
+    for (url, why) in cases {
+        let err = upscale_error(&s, &url, "http://203.0.113.9/out.png").await;
+        assert!(err.contains(why), "{url}: {err}");
+        assert!(
+            err.contains("ALLOW_PRIVATE_URLS") || why.starts_with("only"),
+            "{err}"
+        );
+    }
+    // Reference images go through the same guard.
+    s.wait_status("healthy", Duration::from_secs(60)).await;
+    let v: Value = s
+        .post(
+            "/generate",
+            json!({"prompts": ["a"], "upload_urls": ["http://203.0.113.9/o.png"],
+                   "images": [{"url": "http://169.254.169.254/"}]}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let err = v["results"][0]["error"].as_str().unwrap();
+    assert!(
+        err.contains("reference image 0") && err.contains("link-local"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn caps_and_redirects() {
+    let s = Server::start_real(&[
+        "--preload-models",
+        "false",
+        "--max-download-bytes",
+        "1000000",
+        "--max-input-pixels",
+        "1000000",
+    ])
+    .await;
+    let peer = Peer::start().await;
+    let sink = peer.url("/record");
+    let err = upscale_error(&s, &peer.url("/big"), &sink).await;
+    assert!(
+        err.contains("larger than the limit of 1000000 bytes"),
+        "{err}"
+    );
+    let err = upscale_error(&s, &peer.url("/bomb.png"), &sink).await;
+    assert!(err.contains("more than the limit of 1000000"), "{err}");
+    let err = upscale_error(&s, &peer.url("/loop"), &sink).await;
+    assert!(err.contains("more than 5 redirects"), "{err}");
+    let err = upscale_error(&s, &peer.url("/redirect-file"), &sink).await;
+    assert!(err.contains("only http and https"), "{err}");
+    let err = upscale_error(&s, &peer.url("/not-image"), &sink).await;
+    assert!(err.contains("unrecognised image format"), "{err}");
+    // A redirect to an allowed target is followed; /upscale works with no FLUX model.
+    let v: Value = s
+        .post(
+            "/upscale",
+            json!({"image_url": peer.url("/redirect"), "upload_url": sink, "scale": 2}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["success"], true, "{v}");
+    assert_eq!(v["output_width"], 256);
+    assert_eq!(peer.state.puts.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn missing_upscaler_weights_fail_the_request_not_the_server() {
+    let s = Server::start_real(&["--upscaler-weights", "/nonexistent/missing.safetensors"]).await;
+    let peer = Peer::start().await;
+    let err = upscale_error(&s, &peer.url("/ref.png"), &peer.url("/record")).await;
+    assert!(err.contains("missing.safetensors"), "{err}");
+    let live = s.client.get(s.url("/live")).send().await.unwrap();
+    assert_eq!(live.status(), 200);
+}

@@ -1,0 +1,9 @@
+//! Integration tests of the HTTP service (one test binary, many modules, to save link time).
+//! Every request goes to loopback addresses only.
+
+mod backend;
+mod common;
+mod contract;
+mod generate;
+mod inputs;
+mod queue;
