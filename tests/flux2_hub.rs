@@ -18,8 +18,11 @@ const REPO: &str = "test-org/klein-tiny";
 const TOKEN: &str = "hf_stub_token";
 const COMMIT: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
+mod common;
+use common::{flux2_fixtures, max_abs_diff};
+
 fn model_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux2/tiny-model")
+    flux2_fixtures().join("tiny-model")
 }
 
 fn authorized(headers: &HeaderMap) -> bool {
@@ -154,15 +157,7 @@ fn hub_download_with_token_then_offline_from_cache() {
     let files = ModelFiles::open_with(REPO, offline).unwrap();
     let pe = PromptEncoder::load(&files, DType::F32, &Device::Cpu).unwrap();
     let again = pe.encode(&["a red fox"]).unwrap();
-    let d = (online - again)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert_eq!(d, 0.0);
+    assert_eq!(max_abs_diff(&online, &again), 0.0);
     // Files never downloaded are not there offline, and the error says where it looked.
     let err = files.get("vae/config.json").unwrap_err().to_string();
     assert!(

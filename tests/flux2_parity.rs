@@ -1,6 +1,7 @@
 //! Parity of the FLUX.2 DiT, VAE, schedule and reference preprocessing with diffusers (f32, CPU),
 //! on the tiny random-weight model. Fixtures: scripts/parity/make_dit_fixtures.py.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -11,34 +12,15 @@ use imagegen::flux2::scheduler;
 use imagegen::flux2::transformer::{Flux2Transformer2DModel, Flux2TransformerConfig};
 use imagegen::flux2::vae::{AutoencoderKLFlux2, AutoencoderKLFlux2Config, pack, patchify};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux2")
-}
-
-fn fixture(name: &str) -> PathBuf {
-    root().join("dit").join(name)
-}
+mod common;
+use common::{dit_fixture, flux2_fixtures, load_safetensors, max_abs_diff};
 
 fn model_dir() -> PathBuf {
-    root().join("tiny-model")
+    flux2_fixtures().join("tiny-model")
 }
 
-fn load(name: &str) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(name), &Device::Cpu).expect(name)
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+fn load(name: &str) -> HashMap<String, Tensor> {
+    load_safetensors(dit_fixture(name))
 }
 
 fn vb_for(dir: &Path) -> VarBuilder<'static> {
@@ -50,24 +32,45 @@ fn vb_for(dir: &Path) -> VarBuilder<'static> {
     unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu).unwrap() }
 }
 
-fn transformer() -> Flux2Transformer2DModel {
-    let dir = model_dir().join("transformer");
-    let cfg: Flux2TransformerConfig =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    Flux2Transformer2DModel::new(&cfg, vb_for(&dir), Quantization::None).unwrap()
+/// `config.json` of a tiny-model component.
+fn config<T: serde::de::DeserializeOwned>(component: &str) -> T {
+    let path = model_dir().join(component).join("config.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn transformer(q: Quantization) -> Flux2Transformer2DModel {
+    let cfg: Flux2TransformerConfig = config("transformer");
+    Flux2Transformer2DModel::new(&cfg, vb_for(&model_dir().join("transformer")), q).unwrap()
 }
 
 fn vae() -> AutoencoderKLFlux2 {
-    let dir = model_dir().join("vae");
-    let cfg: AutoencoderKLFlux2Config =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    AutoencoderKLFlux2::new(&cfg, vb_for(&dir)).unwrap()
+    let cfg: AutoencoderKLFlux2Config = config("vae");
+    AutoencoderKLFlux2::new(&cfg, vb_for(&model_dir().join("vae"))).unwrap()
+}
+
+/// The transformer on `hidden_states` with the fixture's prompt, ids and timestep `t_name`.
+fn run_transformer(
+    model: &Flux2Transformer2DModel,
+    f: &HashMap<String, Tensor>,
+    hidden_states: &Tensor,
+    t_name: &str,
+) -> Tensor {
+    model
+        .forward(
+            hidden_states,
+            &f["encoder_hidden_states"],
+            &f[t_name],
+            &f["img_ids"],
+            &f["txt_ids"],
+        )
+        .unwrap()
 }
 
 #[test]
 fn schedule_matches_diffusers() {
     let cases: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("schedule.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dit_fixture("schedule.json")).unwrap())
+            .unwrap();
     let mut worst = 0f64;
     for c in cases.as_array().unwrap() {
         let n = c["steps"].as_u64().unwrap() as usize;
@@ -96,19 +99,11 @@ fn schedule_matches_diffusers() {
 #[test]
 fn transformer_matches_diffusers() {
     let f = load("transformer.safetensors");
-    let model = transformer();
+    let model = transformer(Quantization::None);
     for name in ["a", "b"] {
-        let out = model
-            .forward(
-                &f["hidden_states"],
-                &f["encoder_hidden_states"],
-                &f[&format!("timestep_{name}")],
-                &f["img_ids"],
-                &f["txt_ids"],
-            )
-            .unwrap();
+        let out = run_transformer(&model, &f, &f["hidden_states"], &format!("timestep_{name}"));
         let want = &f[&format!("output_{name}")];
-        let err = max_abs(&out, want);
+        let err = max_abs_diff(&out, want);
         eprintln!("transformer case {name}: max abs error {err:e}");
         assert!(err < 1e-4, "transformer case {name}: {err}");
     }
@@ -122,16 +117,8 @@ fn transformer_matches_diffusers() {
         1,
     )
     .unwrap();
-    let moved = model
-        .forward(
-            &refs_zeroed,
-            &f["encoder_hidden_states"],
-            &f["timestep_a"],
-            &f["img_ids"],
-            &f["txt_ids"],
-        )
-        .unwrap();
-    let delta = max_abs(
+    let moved = run_transformer(&model, &f, &refs_zeroed, "timestep_a");
+    let delta = max_abs_diff(
         &moved.narrow(1, 0, 12).unwrap(),
         &f["output_a"].narrow(1, 0, 12).unwrap(),
     );
@@ -146,16 +133,16 @@ fn vae_matches_diffusers() {
     let f = load("vae.safetensors");
     let vae = vae();
     let mean = vae.encode_mean(&f["image"]).unwrap();
-    let e1 = max_abs(&mean, &f["mean"]);
+    let e1 = max_abs_diff(&mean, &f["mean"]);
     let normed = vae.encode_normalized(&f["image"]).unwrap();
-    let e2 = max_abs(&normed, &f["normalized"]);
+    let e2 = max_abs_diff(&normed, &f["normalized"]);
     let dec = vae.decode(&f["z"]).unwrap();
-    let e3 = max_abs(&dec, &f["decoded"]);
+    let e3 = max_abs_diff(&dec, &f["decoded"]);
     eprintln!("vae: mean {e1:e}, normalized {e2:e}, decoded {e3:e}");
     assert!(e1 < 1e-4 && e2 < 1e-4 && e3 < 1e-4, "{e1} {e2} {e3}");
     // normalize/denormalize and patchify/pack round trips.
     let back = vae.normalize(&vae.denormalize(&normed).unwrap()).unwrap();
-    assert!(max_abs(&back, &normed) < 1e-5);
+    assert!(max_abs_diff(&back, &normed) < 1e-5);
     assert_eq!(
         pack(&patchify(&mean).unwrap()).unwrap().dims(),
         &[1, 6, 128]
@@ -164,7 +151,9 @@ fn vae_matches_diffusers() {
 
 #[test]
 fn lanczos_resize_matches_pil() {
-    let src = image::open(fixture("resize_src.png")).unwrap().to_rgb8();
+    let src = image::open(dit_fixture("resize_src.png"))
+        .unwrap()
+        .to_rgb8();
     let f = load("resize.safetensors");
     for (key, want) in &f {
         let (w, h) = key.split_once('x').unwrap();
@@ -186,27 +175,20 @@ fn lanczos_resize_matches_pil() {
 #[test]
 fn transformer_from_bfl_single_files_matches_diffusers() {
     let f = load("transformer.safetensors");
-    let dir = model_dir().join("transformer");
-    let cfg: Flux2TransformerConfig =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg: Flux2TransformerConfig = config("transformer");
     for (file, tol) in [
         ("flux-2-klein-tiny.safetensors", 1e-4f32),
         ("flux-2-klein-tiny-fp8.safetensors", 0.2),
     ] {
-        let (vb, _) =
-            imagegen::flux2::weights::bfl_var_builder(&root().join(file), DType::F32, &Device::Cpu)
-                .unwrap();
+        let (vb, _) = imagegen::flux2::weights::bfl_var_builder(
+            &flux2_fixtures().join(file),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
         let model = Flux2Transformer2DModel::new(&cfg, vb, Quantization::None).unwrap();
-        let out = model
-            .forward(
-                &f["hidden_states"],
-                &f["encoder_hidden_states"],
-                &f["timestep_a"],
-                &f["img_ids"],
-                &f["txt_ids"],
-            )
-            .unwrap();
-        let err = max_abs(&out, &f["output_a"]);
+        let out = run_transformer(&model, &f, &f["hidden_states"], "timestep_a");
+        let err = max_abs_diff(&out, &f["output_a"]);
         eprintln!("{file}: max abs error {err:e}");
         assert!(err < tol, "{file}: {err}");
     }
@@ -216,22 +198,10 @@ fn transformer_from_bfl_single_files_matches_diffusers() {
 #[test]
 fn quantized_transformer_stays_close() {
     let f = load("transformer.safetensors");
-    let dir = model_dir().join("transformer");
-    let cfg: Flux2TransformerConfig =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     // fp8 e4m3 keeps 3 mantissa bits, int8 about 7: outputs are ~3.5 in magnitude.
     for (q, tol) in [(Quantization::Fp8, 0.3f32), (Quantization::Int8, 0.1)] {
-        let model = Flux2Transformer2DModel::new(&cfg, vb_for(&dir), q).unwrap();
-        let out = model
-            .forward(
-                &f["hidden_states"],
-                &f["encoder_hidden_states"],
-                &f["timestep_a"],
-                &f["img_ids"],
-                &f["txt_ids"],
-            )
-            .unwrap();
-        let err = max_abs(&out, &f["output_a"]);
+        let out = run_transformer(&transformer(q), &f, &f["hidden_states"], "timestep_a");
+        let err = max_abs_diff(&out, &f["output_a"]);
         eprintln!("quantization {q}: max abs error {err:e}");
         assert!(err < tol && err > 0.0, "{q}: {err}");
     }

@@ -2,7 +2,7 @@
 //! tiny random-weight model, plus sensitivity, validation and determinism checks.
 //! Fixtures: scripts/parity/make_dit_fixtures.py → tests/fixtures/flux2/dit/pipe_*.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
@@ -12,13 +12,8 @@ use imagegen::flux2::pipeline::{Flux2Error, Flux2Pipeline, GenerateParams, LoadO
 use imagegen::flux2::vae::{unpack, unpatchify};
 use imagegen::flux2::weights::ModelFiles;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux2")
-}
-
-fn fixture(name: &str) -> PathBuf {
-    root().join("dit").join(name)
-}
+mod common;
+use common::{compare_images, dit_fixture, flux2_fixtures, load_safetensors, max_abs_diff};
 
 fn opts(model: &Path) -> LoadOptions {
     LoadOptions {
@@ -33,7 +28,7 @@ fn opts(model: &Path) -> LoadOptions {
 fn pipeline() -> &'static Flux2Pipeline {
     static P: OnceLock<Flux2Pipeline> = OnceLock::new();
     P.get_or_init(|| {
-        Flux2Pipeline::load(&opts(&root().join("tiny-model"))).expect("load tiny model")
+        Flux2Pipeline::load(&opts(&flux2_fixtures().join("tiny-model"))).expect("load tiny model")
     })
 }
 
@@ -54,7 +49,8 @@ struct Case {
 
 fn cases() -> Vec<Case> {
     let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("pipeline.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dit_fixture("pipeline.json")).unwrap())
+            .unwrap();
     v.as_array()
         .unwrap()
         .iter()
@@ -81,14 +77,13 @@ fn case(name: &str) -> Case {
 }
 
 fn tensors(name: &str) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(&format!("pipe_{name}.safetensors")), &Device::Cpu)
-        .unwrap()
+    load_safetensors(dit_fixture(&format!("pipe_{name}.safetensors")))
 }
 
 fn ref_images(c: &Case) -> Vec<RgbImage> {
     c.refs
         .iter()
-        .map(|r| image::open(fixture(r)).unwrap().to_rgb8())
+        .map(|r| image::open(dit_fixture(r)).unwrap().to_rgb8())
         .collect()
 }
 
@@ -104,26 +99,6 @@ fn params(c: &Case, latents: Option<Tensor>) -> GenerateParams {
     }
 }
 
-/// (fraction of pixels within 1 level, max level difference).
-fn compare(a: &RgbImage, b: &RgbImage) -> (f64, u8) {
-    assert_eq!(a.dimensions(), b.dimensions());
-    let mut ok = 0usize;
-    let mut worst = 0u8;
-    for (pa, pb) in a.pixels().zip(b.pixels()) {
-        let d =
-            pa.0.iter()
-                .zip(pb.0)
-                .map(|(x, y)| x.abs_diff(y))
-                .max()
-                .unwrap();
-        worst = worst.max(d);
-        if d <= 1 {
-            ok += 1;
-        }
-    }
-    (ok as f64 / (a.width() * a.height()) as f64, worst)
-}
-
 fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> f64 {
     let n = a.as_raw().len() as f64;
     a.as_raw()
@@ -132,20 +107,6 @@ fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> f64 {
         .map(|(x, y)| x.abs_diff(*y) as f64)
         .sum::<f64>()
         / n
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Runs one fixture case; checks the final latents (1e-4) and the image (1 level on 99.9 %).
@@ -177,15 +138,15 @@ fn run_case(p: &Flux2Pipeline, c: &Case) {
             .unwrap(),
     )
     .unwrap();
-    let lat_err = max_abs(&z, &t["final_latents"]);
+    let lat_err = max_abs_diff(&z, &t["final_latents"]);
 
     let out = p
         .generate(&params(c, Some(noise.clone())), refs, &never)
         .unwrap();
-    let want = image::open(fixture(&format!("pipe_{}.png", c.name)))
+    let want = image::open(dit_fixture(&format!("pipe_{}.png", c.name)))
         .unwrap()
         .to_rgb8();
-    let (frac, worst) = compare(&out.image, &want);
+    let (frac, worst) = compare_images(&out.image, &want);
     eprintln!(
         "{}: {}x{} final-latent max abs error {lat_err:e}, pixels within 1 level {:.4}%, max diff {worst}",
         c.name,
@@ -210,7 +171,7 @@ fn text_to_image_matches_diffusers() {
 fn prompt_embeddings_match_diffusers() {
     let t = tensors("t2i");
     let e = pipeline().encode_prompt(&case("t2i").prompt).unwrap();
-    let err = max_abs(&e, &t["prompt_embeds"]);
+    let err = max_abs_diff(&e, &t["prompt_embeds"]);
     eprintln!("t2i prompt embeddings max abs error {err:e}");
     assert!(err < 1e-4, "{err}");
 }
@@ -250,7 +211,7 @@ fn one_step_empty_prompt_and_long_prompt_match_diffusers() {
 fn non_distilled_model_uses_cfg_like_diffusers() {
     // The same weights, with model_index.json saying "is_distilled": false (klein base).
     let dir = tempfile::tempdir().unwrap();
-    let src = root().join("tiny-model");
+    let src = flux2_fixtures().join("tiny-model");
     copy_dir(&src, dir.path());
     let idx = dir.path().join("model_index.json");
     let mut v: serde_json::Value =
@@ -262,12 +223,22 @@ fn non_distilled_model_uses_cfg_like_diffusers() {
     assert!(!p.is_distilled());
     let c = case("cfg");
     run_case(&p, &c);
-    // Without guidance (scale 1) the base model gives the distilled path's image.
     let t = tensors("cfg");
+    let want_cfg = image::open(dit_fixture("pipe_cfg.png")).unwrap().to_rgb8();
+    // A second CFG request takes the negative (empty) prompt's embeddings from the cache.
+    let again = p
+        .generate(&params(&c, Some(t["latents"].clone())), None, &never)
+        .unwrap()
+        .image;
+    let (frac, worst) = compare_images(&again, &want_cfg);
+    assert!(
+        frac >= 0.999,
+        "cached negative prompt: {frac} within 1 level, max {worst}"
+    );
+    // Without guidance (scale 1) the base model gives the distilled path's image.
     let mut q = params(&c, Some(t["latents"].clone()));
     q.guidance_scale = 1.0;
     let plain = p.generate(&q, None, &never).unwrap().image;
-    let want_cfg = image::open(fixture("pipe_cfg.png")).unwrap().to_rgb8();
     assert!(mean_abs_diff(&plain, &want_cfg) > 5.0, "CFG has no effect");
 }
 
@@ -291,7 +262,7 @@ fn fixtures_and_outputs_are_sensitive_to_every_input() {
     let t = tensors("ref1");
     let refs = p.encode_references(&ref_images(&c)).unwrap();
     let other = p
-        .encode_references(&[image::open(fixture("ref_b.png")).unwrap().to_rgb8()])
+        .encode_references(&[image::open(dit_fixture("ref_b.png")).unwrap().to_rgb8()])
         .unwrap();
     let noise = &t["latents"];
     let embeds = p.encode_prompt(&c.prompt).unwrap();
@@ -305,23 +276,23 @@ fn fixtures_and_outputs_are_sensitive_to_every_input() {
     let changes = [
         (
             "prompt",
-            max_abs(&base, &run(&other_prompt, noise, 4, Some(&refs))),
+            max_abs_diff(&base, &run(&other_prompt, noise, 4, Some(&refs))),
         ),
         (
             "noise",
-            max_abs(&base, &run(&embeds, &flipped, 4, Some(&refs))),
+            max_abs_diff(&base, &run(&embeds, &flipped, 4, Some(&refs))),
         ),
         (
             "steps",
-            max_abs(&base, &run(&embeds, noise, 2, Some(&refs))),
+            max_abs_diff(&base, &run(&embeds, noise, 2, Some(&refs))),
         ),
         (
             "reference",
-            max_abs(&base, &run(&embeds, noise, 4, Some(&other))),
+            max_abs_diff(&base, &run(&embeds, noise, 4, Some(&other))),
         ),
         (
             "no reference",
-            max_abs(&base, &run(&embeds, noise, 4, None)),
+            max_abs_diff(&base, &run(&embeds, noise, 4, None)),
         ),
     ];
     eprintln!("final-latent max change: {changes:?}");
@@ -343,7 +314,7 @@ fn fixtures_and_outputs_are_sensitive_to_every_input() {
     assert!(mean_abs_diff(&out, &img(&q)) > 2.0);
     // The committed fixtures themselves differ across cases (so they can catch a wrong input).
     let f = |n: &str| {
-        image::open(fixture(&format!("pipe_{n}.png")))
+        image::open(dit_fixture(&format!("pipe_{n}.png")))
             .unwrap()
             .to_rgb8()
     };
@@ -433,10 +404,10 @@ fn cancellation_is_polled_between_steps() {
 #[test]
 fn bfl_single_file_model_directory_loads_and_generates() {
     let dir = tempfile::tempdir().unwrap();
-    copy_dir(&root().join("tiny-model"), dir.path());
+    copy_dir(&flux2_fixtures().join("tiny-model"), dir.path());
     std::fs::remove_dir_all(dir.path().join("transformer")).unwrap();
     std::fs::copy(
-        root().join("flux-2-klein-tiny.safetensors"),
+        flux2_fixtures().join("flux-2-klein-tiny.safetensors"),
         dir.path().join("flux-2-klein-tiny.safetensors"),
     )
     .unwrap();

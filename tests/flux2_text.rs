@@ -4,14 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use imagegen::flux2::text_encoder::Qwen3TextEncoder;
 use imagegen::flux2::tokenizer::{MAX_LENGTH, PromptTokenizer};
 use imagegen::flux2::weights::ModelFiles;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux2")
-}
+mod common;
+use common::{flux2_fixtures, load_safetensors, max_abs, max_abs_diff};
 
 #[derive(serde::Deserialize)]
 struct TextFixture {
@@ -31,7 +30,7 @@ struct PromptFixture {
 }
 
 fn text_fixture() -> TextFixture {
-    let s = std::fs::read_to_string(fixtures().join("text_encoder.json")).unwrap();
+    let s = std::fs::read_to_string(flux2_fixtures().join("text_encoder.json")).unwrap();
     serde_json::from_str(&s).unwrap()
 }
 
@@ -46,21 +45,10 @@ fn load_encoder(model_dir: &Path) -> (PromptTokenizer, Qwen3TextEncoder) {
     (tok, enc)
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn tokenizer_matches_transformers_exactly() {
     let fx = text_fixture();
-    let tok = PromptTokenizer::from_dir(&fixtures().join("tiny-model/tokenizer")).unwrap();
+    let tok = PromptTokenizer::from_dir(&flux2_fixtures().join("tiny-model/tokenizer")).unwrap();
     assert_eq!(tok.pad_id(), fx.pad_token_id, "pad id looked up by name");
     assert!(fx.prompts.len() >= 5);
     for p in &fx.prompts {
@@ -94,7 +82,7 @@ struct RealPrompt {
 fn real_qwen3_tokenizer_matches_transformers() {
     use sha2::Digest;
     let fx: RealTokenizerFixture = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("qwen3_tokenizer.json")).unwrap(),
+        &std::fs::read_to_string(flux2_fixtures().join("qwen3_tokenizer.json")).unwrap(),
     )
     .unwrap();
     let dir = std::env::var_os("QWEN3_TOKENIZER_DIR")
@@ -146,16 +134,14 @@ fn check_real_tokenizer(tok: &PromptTokenizer, fx: &RealTokenizerFixture) {
 #[test]
 fn text_encoder_matches_diffusers_embeddings() {
     let fx = text_fixture();
-    let (tok, enc) = load_encoder(&fixtures().join("tiny-model"));
+    let (tok, enc) = load_encoder(&flux2_fixtures().join("tiny-model"));
     assert_eq!(
         enc.num_layers_loaded(),
         27,
         "only layers up to 27 are loaded"
     );
     assert_eq!(enc.output_dim(), 3 * fx.hidden_size);
-    let want =
-        candle_core::safetensors::load(fixtures().join("text_encoder.safetensors"), &Device::Cpu)
-            .unwrap();
+    let want = load_safetensors(flux2_fixtures().join("text_encoder.safetensors"));
     let with_embeds: Vec<&PromptFixture> =
         fx.prompts.iter().filter(|p| p.embeds.is_some()).collect();
     assert!(with_embeds.len() >= 4);
@@ -176,10 +162,8 @@ fn text_encoder_matches_diffusers_embeddings() {
 #[test]
 fn embeddings_are_sensitive_to_the_prompt() {
     let fx = text_fixture();
-    let (tok, enc) = load_encoder(&fixtures().join("tiny-model"));
-    let want =
-        candle_core::safetensors::load(fixtures().join("text_encoder.safetensors"), &Device::Cpu)
-            .unwrap();
+    let (tok, enc) = load_encoder(&flux2_fixtures().join("tiny-model"));
+    let want = load_safetensors(flux2_fixtures().join("text_encoder.safetensors"));
     let normal = fx.prompts.iter().find(|p| p.name == "normal").unwrap();
     // One word changed.
     let other = normal.prompt.replace("sunrise", "sunset");
@@ -193,8 +177,8 @@ fn embeddings_are_sensitive_to_the_prompt() {
 
 #[test]
 fn sharded_text_encoder_loads_the_same_tensors() {
-    let single = ModelFiles::local(&fixtures().join("tiny-model")).unwrap();
-    let sharded = ModelFiles::local(&fixtures().join("tiny-model-sharded")).unwrap();
+    let single = ModelFiles::local(&flux2_fixtures().join("tiny-model")).unwrap();
+    let sharded = ModelFiles::local(&flux2_fixtures().join("tiny-model-sharded")).unwrap();
     let shard_files = sharded.component_weight_files("text_encoder").unwrap();
     assert_eq!(shard_files.len(), 2, "{shard_files:?}");
     let a = single
@@ -215,9 +199,9 @@ fn sharded_text_encoder_loads_the_same_tensors() {
         let tb = b.get_unchecked_dtype(name, DType::F32).unwrap();
         assert_eq!(max_abs_diff(&ta, &tb), 0.0, "{name}");
     }
-    let (tok, enc) = load_encoder(&fixtures().join("tiny-model-sharded"));
+    let (tok, enc) = load_encoder(&flux2_fixtures().join("tiny-model-sharded"));
     let (ids, mask) = tok.encode_batch(&["a red fox"], &Device::Cpu).unwrap();
-    let (_, enc1) = load_encoder(&fixtures().join("tiny-model"));
+    let (_, enc1) = load_encoder(&flux2_fixtures().join("tiny-model"));
     let d = max_abs_diff(
         &enc.forward(&ids, &mask).unwrap(),
         &enc1.forward(&ids, &mask).unwrap(),
@@ -240,7 +224,8 @@ fn text_encoder_requests_exactly_the_real_checkpoint_tensors() {
     use imagegen::flux2::weights::recording_var_builder;
     for variant in ["qwen3-4b", "qwen3-8b"] {
         let m: Manifest = serde_json::from_str(
-            &std::fs::read_to_string(fixtures().join(format!("manifests/{variant}.json"))).unwrap(),
+            &std::fs::read_to_string(flux2_fixtures().join(format!("manifests/{variant}.json")))
+                .unwrap(),
         )
         .unwrap();
         let cfg: Qwen3Config = serde_json::from_value(m.config).unwrap();
@@ -269,15 +254,14 @@ fn text_encoder_requests_exactly_the_real_checkpoint_tensors() {
 #[test]
 fn prompt_encoder_loads_from_model_files() {
     use imagegen::flux2::text_encoder::PromptEncoder;
-    let files = ModelFiles::open(fixtures().join("tiny-model").to_str().unwrap(), None).unwrap();
+    let files =
+        ModelFiles::open(flux2_fixtures().join("tiny-model").to_str().unwrap(), None).unwrap();
     let pe = PromptEncoder::load(&files, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(pe.output_dim(), 96);
     let fx = text_fixture();
     let p = fx.prompts.iter().find(|p| p.name == "unicode").unwrap();
     let got = pe.encode(&[p.prompt.as_str()]).unwrap();
-    let want =
-        candle_core::safetensors::load(fixtures().join("text_encoder.safetensors"), &Device::Cpu)
-            .unwrap();
+    let want = load_safetensors(flux2_fixtures().join("text_encoder.safetensors"));
     let d = max_abs_diff(&got, &want["prompt_embeds.unicode"]);
     assert!(d <= 1e-4, "{d}");
 }
@@ -287,7 +271,7 @@ fn prompt_encoder_loads_from_model_files() {
 /// (measured: 0.63 here; transformers in bf16 drifts 0.61 from the same f32 fixture).
 #[test]
 fn text_encoder_in_bf16_tracks_f32() {
-    let model_dir = fixtures().join("tiny-model");
+    let model_dir = flux2_fixtures().join("tiny-model");
     let files = ModelFiles::local(&model_dir).unwrap();
     let tok = PromptTokenizer::from_dir(&model_dir.join("tokenizer")).unwrap();
     let cfg = files.text_encoder_config().unwrap();
@@ -295,9 +279,7 @@ fn text_encoder_in_bf16_tracks_f32() {
         .component_var_builder("text_encoder", DType::BF16, &Device::Cpu)
         .unwrap();
     let enc = Qwen3TextEncoder::new(&cfg, vb, MAX_LENGTH).unwrap();
-    let want =
-        candle_core::safetensors::load(fixtures().join("text_encoder.safetensors"), &Device::Cpu)
-            .unwrap();
+    let want = load_safetensors(flux2_fixtures().join("text_encoder.safetensors"));
     let fx = text_fixture();
     let p = fx.prompts.iter().find(|p| p.name == "normal").unwrap();
     let (ids, mask) = tok
@@ -307,13 +289,7 @@ fn text_encoder_in_bf16_tracks_f32() {
     assert_eq!(got.dtype(), DType::BF16);
     let got = got.to_dtype(DType::F32).unwrap();
     let w = &want["prompt_embeds.normal"];
-    let scale = w
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let scale = max_abs(w);
     let d = max_abs_diff(&got, w);
     eprintln!("bf16 vs f32: max abs diff {d} (max |x| {scale})");
     assert!(d <= scale * 0.05, "bf16 drifted: {d} vs max {scale}");

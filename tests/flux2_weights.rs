@@ -2,7 +2,7 @@
 //! BFL fp8 single file, missing files, hub cache and offline paths (the hub is never contacted:
 //! the only endpoint used is a closed port on 127.0.0.1).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -11,59 +11,47 @@ use imagegen::flux2::weights::{
     transformer_var_builder,
 };
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux2")
+mod common;
+use common::{flux2_fixtures, load_safetensors, max_abs, max_abs_diff};
+
+/// `weights::bfl_var_builder` (f32, CPU) over a BFL single-file fixture; also says if it is fp8.
+fn bfl_file(name: &str) -> (VarBuilder<'static>, bool) {
+    bfl_var_builder(&flux2_fixtures().join(name), DType::F32, &Device::Cpu).unwrap()
 }
 
 /// Every tensor name and shape of the diffusers transformer checkpoint.
 fn diffusers_transformer() -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = candle_core::safetensors::load(
-        fixtures().join("tiny-model/transformer/diffusion_pytorch_model.safetensors"),
-        &Device::Cpu,
+    let mut v: Vec<(String, Tensor)> = load_safetensors(
+        flux2_fixtures().join("tiny-model/transformer/diffusion_pytorch_model.safetensors"),
     )
-    .unwrap()
     .into_iter()
     .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn diffusers_dir_gives_the_diffusers_transformer() {
-    let files = ModelFiles::local(&fixtures().join("tiny-model")).unwrap();
+    let files = ModelFiles::local(&flux2_fixtures().join("tiny-model")).unwrap();
     assert!(files.model_index().unwrap().is_distilled);
     let (vb, fmt) = transformer_var_builder(&files, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(fmt, TransformerFormat::Diffusers);
     for (name, want) in diffusers_transformer() {
         let got = vb.get(want.shape(), &name).unwrap();
-        assert_eq!(max_abs(&(got - want).unwrap()), 0.0, "{name}");
+        assert_eq!(max_abs_diff(&got, &want), 0.0, "{name}");
     }
 }
 
 #[test]
 fn bfl_single_file_gives_identical_diffusers_tensors() {
-    let (vb, fp8) = bfl_var_builder(
-        &fixtures().join("flux-2-klein-tiny.safetensors"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (vb, fp8) = bfl_file("flux-2-klein-tiny.safetensors");
     assert!(!fp8);
     let all = diffusers_transformer();
     assert!(all.len() > 30);
     for (name, want) in &all {
         assert!(vb.contains_tensor(name), "{name}");
         let got = vb.get(want.shape(), name).unwrap();
-        assert_eq!(max_abs(&(got - want).unwrap()), 0.0, "{name}");
+        assert_eq!(max_abs_diff(&got, want), 0.0, "{name}");
     }
     // Shapes are checked: asking for the wrong one is an error naming the tensor.
     let err = vb.get((3, 3), "proj_out.weight").unwrap_err().to_string();
@@ -73,46 +61,27 @@ fn bfl_single_file_gives_identical_diffusers_tensors() {
 #[test]
 fn bfl_final_layer_halves_are_swapped() {
     // Direct look at the raw BFL tensor: diffusers rows [scale; shift] = BFL rows [shift; scale].
-    let raw = candle_core::safetensors::load(
-        fixtures().join("flux-2-klein-tiny.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let raw = load_safetensors(flux2_fixtures().join("flux-2-klein-tiny.safetensors"));
     let bfl = &raw["final_layer.adaLN_modulation.1.weight"];
     let half = bfl.dim(0).unwrap() / 2;
-    let (vb, _) = bfl_var_builder(
-        &fixtures().join("flux-2-klein-tiny.safetensors"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (vb, _) = bfl_file("flux-2-klein-tiny.safetensors");
     let d = vb.get(bfl.shape(), "norm_out.linear.weight").unwrap();
     let top = d.narrow(0, 0, half).unwrap();
-    assert_eq!(
-        max_abs(&(top - bfl.narrow(0, half, half).unwrap()).unwrap()),
-        0.0
-    );
+    assert_eq!(max_abs_diff(&top, &bfl.narrow(0, half, half).unwrap()), 0.0);
     // not symmetric by accident
     assert!(
-        max_abs(&(bfl.narrow(0, 0, half).unwrap() - bfl.narrow(0, half, half).unwrap()).unwrap())
-            > 0.0
+        max_abs_diff(
+            &bfl.narrow(0, 0, half).unwrap(),
+            &bfl.narrow(0, half, half).unwrap()
+        ) > 0.0
     );
 }
 
 #[test]
 fn bfl_fp8_file_applies_its_scales() {
-    let (vb, fp8) = bfl_var_builder(
-        &fixtures().join("flux-2-klein-tiny-fp8.safetensors"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (vb, fp8) = bfl_file("flux-2-klein-tiny-fp8.safetensors");
     assert!(fp8);
-    let raw = candle_core::safetensors::load(
-        fixtures().join("flux-2-klein-tiny-fp8.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let raw = load_safetensors(flux2_fixtures().join("flux-2-klein-tiny-fp8.safetensors"));
     assert_eq!(
         raw["double_blocks.0.img_attn.qkv.weight"].dtype(),
         DType::F8E4M3
@@ -120,7 +89,7 @@ fn bfl_fp8_file_applies_its_scales() {
     let mut quantized = 0;
     for (name, want) in diffusers_transformer() {
         let got = vb.get(want.shape(), &name).unwrap();
-        let err = max_abs(&(&got - &want).unwrap());
+        let err = max_abs_diff(&got, &want);
         let scale = max_abs(&want);
         let is_block_linear = (name.starts_with("transformer_blocks.")
             || name.starts_with("single_transformer_blocks."))
@@ -142,7 +111,7 @@ fn bfl_fp8_file_applies_its_scales() {
 #[test]
 fn missing_transformer_names_the_file() {
     // The sharded fixture has no transformer/ and no BFL file.
-    let files = ModelFiles::local(&fixtures().join("tiny-model-sharded")).unwrap();
+    let files = ModelFiles::local(&flux2_fixtures().join("tiny-model-sharded")).unwrap();
     let Err(err) = transformer_var_builder(&files, DType::F32, &Device::Cpu) else {
         panic!("expected an error")
     };
@@ -164,12 +133,12 @@ fn missing_transformer_names_the_file() {
 fn bfl_file_at_the_root_is_used_when_there_is_no_transformer_folder() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(
-        fixtures().join("tiny-model/model_index.json"),
+        flux2_fixtures().join("tiny-model/model_index.json"),
         dir.path().join("model_index.json"),
     )
     .unwrap();
     std::fs::copy(
-        fixtures().join("flux-2-klein-tiny-fp8.safetensors"),
+        flux2_fixtures().join("flux-2-klein-tiny-fp8.safetensors"),
         dir.path().join("flux-2-klein-tiny-fp8.safetensors"),
     )
     .unwrap();
@@ -243,7 +212,7 @@ fn hub_offline_without_cache_names_the_repo_and_fix() {
 #[test]
 fn hub_repo_served_from_the_cache_when_offline() {
     let cache = tempfile::tempdir().unwrap();
-    let tiny = fixtures().join("tiny-model");
+    let tiny = flux2_fixtures().join("tiny-model");
     let te_cfg = tiny.join("text_encoder/config.json");
     let te_w = tiny.join("text_encoder/model.safetensors");
     let idx = tiny.join("model_index.json");
@@ -294,12 +263,7 @@ fn hub_repo_served_from_the_cache_when_offline() {
 fn fp8_linear_keeps_the_files_fp8_weights() {
     use candle_core::Module;
     use imagegen::flux2::quant::{Quantization, linear_no_bias};
-    let (vb, _) = bfl_var_builder(
-        &fixtures().join("flux-2-klein-tiny-fp8.safetensors"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (vb, _) = bfl_file("flux-2-klein-tiny-fp8.safetensors");
     let names = [
         ("transformer_blocks.1.attn", "to_k", 48, 48),
         ("transformer_blocks.0.attn", "add_v_proj", 48, 48),
@@ -316,22 +280,19 @@ fn fp8_linear_keeps_the_files_fp8_weights() {
         let lin = linear_no_bias(in_dim, out_dim, vbl.clone(), Quantization::Fp8).unwrap();
         let want = vbl.get((out_dim, in_dim), "weight").unwrap();
         let got = lin.dequantized_weight(DType::F32).unwrap();
-        assert_eq!(max_abs(&(got - &want).unwrap()), 0.0, "{prefix}.{layer}");
+        assert_eq!(max_abs_diff(&got, &want), 0.0, "{prefix}.{layer}");
         // Re-quantizing the dequantized weight per row would round a second time.
         let requant = imagegen::flux2::quant::QLinear::from_weight(want.clone(), Quantization::Fp8)
             .unwrap()
             .dequantized_weight(DType::F32)
             .unwrap();
-        assert!(
-            max_abs(&(requant - &want).unwrap()) > 0.0,
-            "{prefix}.{layer}"
-        );
+        assert!(max_abs_diff(&requant, &want) > 0.0, "{prefix}.{layer}");
         let x = Tensor::ones((1, in_dim), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(lin.forward(&x).unwrap().dims(), &[1, out_dim]);
     }
     // Non-fp8 tensors (final layer, diffusers folders) have no raw form.
     assert!(!vb.contains_tensor("proj_out.weight#fp8"));
-    let files = ModelFiles::local(&fixtures().join("tiny-model")).unwrap();
+    let files = ModelFiles::local(&flux2_fixtures().join("tiny-model")).unwrap();
     let (dvb, _) = transformer_var_builder(&files, DType::F32, &Device::Cpu).unwrap();
     assert!(!dvb.contains_tensor("transformer_blocks.0.attn.to_q.weight#fp8"));
 }

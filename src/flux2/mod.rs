@@ -3,6 +3,7 @@
 //! Module names mirror the diffusers components; `VarBuilder` paths mirror checkpoint names.
 
 pub mod config;
+mod layers;
 pub mod pipeline;
 pub mod quant;
 pub mod reference;

@@ -1,6 +1,7 @@
 //! `Flux2Pipeline`: text-to-image and multi-reference generation with FLUX.2 [klein], step for
 //! step what diffusers' `Flux2KleinPipeline` does (see flux2-klein.md §5).
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -143,6 +144,9 @@ pub struct Flux2Pipeline {
     vae: AutoencoderKLFlux2,
     device: Device,
     dtype: DType,
+    /// Embeddings of the empty prompt, CFG's negative: the same for every request, so encoded
+    /// once, on first use.
+    empty_prompt: OnceLock<Tensor>,
 }
 
 /// Width or height after flooring to a multiple of `multiple` (diffusers resizes silently).
@@ -197,6 +201,11 @@ fn transformer_config(files: &ModelFiles) -> Result<Flux2TransformerConfig, Flux
         .map_err(|message| WeightsError::BadFile { file: bfl, message }.into())
 }
 
+/// The VAE runs in f32 on the CPU, where candle's conv2d has no bf16 kernel.
+fn vae_dtype(device: &Device, dtype: DType) -> DType {
+    if device.is_cpu() { DType::F32 } else { dtype }
+}
+
 /// Position ids (t, row, col, 0) of an h×w token grid, row-major.
 fn grid_ids(t: f32, h: usize, w: usize, device: &Device) -> candle_core::Result<Tensor> {
     let mut v = Vec::with_capacity(h * w * 4);
@@ -245,8 +254,7 @@ impl Flux2Pipeline {
         }
         let (tvb, _format) = transformer_var_builder(files, dtype, &device)?;
         let transformer = Flux2Transformer2DModel::new(&tcfg, tvb, opts.quantization)?;
-        let vae_dtype = if device.is_cpu() { DType::F32 } else { dtype };
-        let vvb = files.component_var_builder("vae", vae_dtype, &device)?;
+        let vvb = files.component_var_builder("vae", vae_dtype(&device, dtype), &device)?;
         let vae = AutoencoderKLFlux2::new(&vcfg, vvb)?;
         if 4 * vcfg.latent_channels != tcfg.in_channels {
             return Err(WeightsError::BadFile {
@@ -267,6 +275,7 @@ impl Flux2Pipeline {
             vae,
             device,
             dtype,
+            empty_prompt: OnceLock::new(),
         })
     }
 
@@ -333,16 +342,20 @@ impl Flux2Pipeline {
     }
 
     fn vae_dtype(&self) -> DType {
-        if self.device.is_cpu() {
-            DType::F32
-        } else {
-            self.dtype
-        }
+        vae_dtype(&self.device, self.dtype)
     }
 
     /// Prompt embeddings [1, 512, joint_attention_dim] as the transformer takes them.
     pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor, Flux2Error> {
         Ok(self.text.encode(&[prompt])?)
+    }
+
+    fn empty_prompt_embeds(&self) -> Result<Tensor, Flux2Error> {
+        if let Some(t) = self.empty_prompt.get() {
+            return Ok(t.clone());
+        }
+        let t = self.encode_prompt("")?;
+        Ok(self.empty_prompt.get_or_init(|| t).clone())
     }
 
     pub fn generate(
@@ -390,7 +403,7 @@ impl Flux2Pipeline {
         let t0 = Instant::now();
         let embeds = self.encode_prompt(&p.prompt)?;
         let neg = if cfg {
-            Some(self.encode_prompt("")?)
+            Some(self.empty_prompt_embeds()?)
         } else {
             None
         };

@@ -10,32 +10,12 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear_no_bias};
 
 use super::config::Qwen3Config;
+use super::layers::RmsNorm;
 use super::tokenizer::{PromptTokenizer, TokenizerError};
 use super::weights::{ModelFiles, WeightsError};
 
 /// `Flux2KleinPipeline` `text_encoder_out_layers`.
 pub const OUTPUT_LAYERS: [usize; 3] = [9, 18, 27];
-
-#[derive(Debug, Clone)]
-struct RmsNorm {
-    weight: Tensor,
-    eps: f32,
-}
-
-impl RmsNorm {
-    fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            eps: eps as f32,
-        })
-    }
-}
-
-impl Module for RmsNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
-    }
-}
 
 /// Half-split ("rotate_half") RoPE tables, computed in f32 like transformers and cast once.
 #[derive(Debug, Clone)]
@@ -111,30 +91,17 @@ impl Attention {
     /// `mask`: additive f32 `[B, 1, L, L]` (0 or -inf).
     fn forward(&self, x: &Tensor, mask: &Tensor, rope: &Rotary) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
+        let split = |t: Tensor, n: usize| t.reshape((b, l, n, self.head_dim));
         // Per-head RMSNorm on q and k before RoPE (Qwen3's QK-norm).
         let q = self
             .q_norm
-            .forward(
-                &self
-                    .q_proj
-                    .forward(x)?
-                    .reshape((b, l, self.num_heads, self.head_dim))?,
-            )?
+            .forward(&split(self.q_proj.forward(x)?, self.num_heads)?)?
             .transpose(1, 2)?;
         let k = self
             .k_norm
-            .forward(
-                &self
-                    .k_proj
-                    .forward(x)?
-                    .reshape((b, l, self.num_kv_heads, self.head_dim))?,
-            )?
+            .forward(&split(self.k_proj.forward(x)?, self.num_kv_heads)?)?
             .transpose(1, 2)?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((b, l, self.num_kv_heads, self.head_dim))?
-            .transpose(1, 2)?;
+        let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?.transpose(1, 2)?;
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
         let groups = self.num_heads / self.num_kv_heads;
@@ -296,19 +263,19 @@ impl Qwen3TextEncoder {
         let (b, l) = input_ids.dims2()?;
         let mask = build_mask(attention_mask, b, l, input_ids.device())?;
         let mut x = self.embed_tokens.forward(input_ids)?;
+        // Only the requested depths are kept alive, not every layer's output.
         let mut states: Vec<Option<Tensor>> = vec![None; self.output_layers.len()];
-        for (slot, &k) in self.output_layers.iter().enumerate() {
-            if k == 0 {
-                states[slot] = Some(x.clone());
-            }
-        }
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &mask, &self.rope)?;
+        let mut keep = |depth: usize, x: &Tensor| {
             for (slot, &k) in self.output_layers.iter().enumerate() {
-                if k == i + 1 {
+                if k == depth {
                     states[slot] = Some(x.clone());
                 }
             }
+        };
+        keep(0, &x);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &mask, &self.rope)?;
+            keep(i + 1, &x);
         }
         let states: Vec<Tensor> = states.into_iter().map(|s| s.expect("filled")).collect();
         // [B, L, 3, h] -> [B, L, 3h]: per token, [layer 9 | layer 18 | layer 27].
@@ -389,14 +356,6 @@ impl PromptEncoder {
             encoder,
             device: device.clone(),
         })
-    }
-
-    pub fn tokenizer(&self) -> &PromptTokenizer {
-        &self.tokenizer
-    }
-
-    pub fn encoder(&self) -> &Qwen3TextEncoder {
-        &self.encoder
     }
 
     /// Width of the embeddings per token (the DiT's `joint_attention_dim`).

@@ -7,6 +7,7 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use super::layers::{RmsNorm, chunked_attention};
 use super::quant::{QLinear, Quantization, linear_no_bias};
 
 fn default_patch() -> usize {
@@ -221,34 +222,10 @@ const MAX_SCORES: usize = 1 << 28;
 
 /// Scaled dot-product attention over [B, H, S, d] inputs, no mask; returns [B, S, H·d].
 ///
-/// The single place where attention happens, so a fused kernel can replace it. The softmax
-/// kernels accumulate in f32 whatever the input dtype.
+/// The DiT's one attention entry point, so a fused kernel can replace it. The softmax kernels
+/// accumulate in f32 whatever the input dtype.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    attention_chunked(q, k, v, MAX_SCORES)
-}
-
-fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, max_scores: usize) -> Result<Tensor> {
-    let (b, h, s, d) = q.dims4()?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let q = q.contiguous()?;
-    let kt = k.t()?.contiguous()?;
-    let v = v.contiguous()?;
-    let kv_len = kt.dim(3)?;
-    let rows = (max_scores / (b * h * kv_len).max(1)).clamp(1, s);
-    let mut outs = Vec::with_capacity(s.div_ceil(rows));
-    let mut start = 0;
-    while start < s {
-        let n = rows.min(s - start);
-        let scores = (q.narrow(2, start, n)?.matmul(&kt)? * scale)?;
-        outs.push(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?);
-        start += n;
-    }
-    let out = if outs.len() == 1 {
-        outs.pop().expect("one chunk")
-    } else {
-        Tensor::cat(&outs, 2)?
-    };
-    out.transpose(1, 2)?.reshape((b, s, h * d))
+    chunked_attention(q, k, v, MAX_SCORES)
 }
 
 /// LayerNorm without affine parameters, through the fused kernel.
@@ -269,24 +246,6 @@ impl PlainLayerNorm {
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::layer_norm(&x.contiguous()?, &self.ones, &self.zeros, self.eps)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct RmsNorm {
-    weight: Tensor,
-    eps: f32,
-}
-
-impl RmsNorm {
-    fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            eps: eps as f32,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
     }
 }
 
@@ -506,6 +465,16 @@ impl SingleBlock {
     }
 }
 
+/// exp(−ln(10000)·i / half) for i < half = channels / 2, computed in f32 as diffusers does.
+fn time_freqs(channels: usize, device: &Device) -> Result<Tensor> {
+    let half = channels / 2;
+    let ln_p = (10000f64).ln() as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((-ln_p * i as f32) / half as f32).exp())
+        .collect();
+    Tensor::from_vec(freqs, (1, half), device)
+}
+
 /// The FLUX.2 [klein] transformer.
 #[derive(Debug, Clone)]
 pub struct Flux2Transformer2DModel {
@@ -522,6 +491,8 @@ pub struct Flux2Transformer2DModel {
     norm_out_linear: QLinear,
     proj_out: QLinear,
     ln: PlainLayerNorm,
+    /// Frequencies of [`Self::time_proj`], [1, channels/2] f32; the same at every step.
+    time_freqs: Tensor,
     dtype: DType,
     device: Device,
 }
@@ -557,6 +528,7 @@ impl Flux2Transformer2DModel {
             norm_out_linear: linear_no_bias(d, 2 * d, vb.pp("norm_out").pp("linear"), q)?,
             proj_out: linear_no_bias(d, cfg.out_channels(), vb.pp("proj_out"), q)?,
             ln: PlainLayerNorm::new(d, cfg.eps, vb.dtype(), vb.device())?,
+            time_freqs: time_freqs(cfg.timestep_guidance_channels, vb.device())?,
             dtype: vb.dtype(),
             device: vb.device().clone(),
             cfg: cfg.clone(),
@@ -581,17 +553,11 @@ impl Flux2Transformer2DModel {
 
     /// 256-channel sinusoid of 1000·t, cosine first (diffusers `Timesteps(flip_sin_to_cos)`).
     fn time_proj(&self, timestep: &Tensor) -> Result<Tensor> {
-        let half = self.cfg.timestep_guidance_channels / 2;
-        let ln_p = (10000f64).ln() as f32;
-        let freqs: Vec<f32> = (0..half)
-            .map(|i| ((-ln_p * i as f32) / half as f32).exp())
-            .collect();
-        let freqs = Tensor::from_vec(freqs, (1, half), &self.device)?;
         let t = (timestep.to_dtype(self.dtype)? * 1000.0)?;
         let a = t
             .to_dtype(DType::F32)?
             .unsqueeze(1)?
-            .broadcast_mul(&freqs)?;
+            .broadcast_mul(&self.time_freqs)?;
         Tensor::cat(&[a.cos()?, a.sin()?], 1)?.to_dtype(self.dtype)
     }
 
@@ -664,29 +630,6 @@ impl Flux2Transformer2DModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (b, h, s, d) = q.dims4()?;
-        let w = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? / (d as f64).sqrt())?)?;
-        w.matmul(v)?.transpose(1, 2)?.reshape((b, s, h * d))
-    }
-
-    #[test]
-    fn chunked_attention_equals_one_shot() -> Result<()> {
-        let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (1, 2, 37, 8), &dev)?;
-        let k = Tensor::randn(0f32, 1.0, (1, 2, 37, 8), &dev)?;
-        let v = Tensor::randn(0f32, 1.0, (1, 2, 37, 8), &dev)?;
-        let a = attention(&q, &k, &v)?;
-        let n = naive(&q, &k, &v)?;
-        let err = (a - &n)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(err < 1e-6, "{err}");
-        // 2·37·8 scores per chunk → 8 query rows per chunk, 5 chunks.
-        let c = attention_chunked(&q, &k, &v, 2 * 37 * 8)?;
-        let err = (c - &n)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(err < 1e-6, "{err}");
-        Ok(())
-    }
 
     #[test]
     fn rope_tables_follow_diffusers_frequencies() -> Result<()> {

@@ -7,6 +7,8 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
+use super::layers::chunked_attention;
+
 fn d_ch3() -> usize {
     3
 }
@@ -91,11 +93,9 @@ impl Resnet {
             conv1: conv(i, o, 3, 1, 1, vb.pp("conv1"))?,
             norm2: candle_nn::group_norm(groups, o, RESNET_EPS, vb.pp("norm2"))?,
             conv2: conv(o, o, 3, 1, 1, vb.pp("conv2"))?,
-            shortcut: if i != o {
-                Some(conv(i, o, 1, 1, 0, vb.pp("conv_shortcut"))?)
-            } else {
-                None
-            },
+            shortcut: (i != o)
+                .then(|| conv(i, o, 1, 1, 0, vb.pp("conv_shortcut")))
+                .transpose()?,
         })
     }
 }
@@ -125,7 +125,8 @@ struct MidAttention {
     to_out: Linear,
 }
 
-/// Query rows per chunk: bounds the score matrix at large resolutions (1024² has 16384 tokens).
+/// Query rows per attention chunk: bounds the score matrix at large resolutions (1024² has
+/// 16384 tokens).
 const ATTN_CHUNK: usize = 4096;
 
 impl MidAttention {
@@ -149,21 +150,11 @@ impl Module for MidAttention {
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = self.to_q.forward(&n)?;
-        let kt = self.to_k.forward(&n)?.t()?.contiguous()?;
-        let v = self.to_v.forward(&n)?;
-        let scale = 1.0 / (c as f64).sqrt();
-        let mut outs = Vec::new();
-        let len = h * w;
-        let mut start = 0;
-        while start < len {
-            let rows = ATTN_CHUNK.min(len - start);
-            let s = (q.narrow(1, start, rows)?.matmul(&kt)? * scale)?;
-            let p = candle_nn::ops::softmax_last_dim(&s)?;
-            outs.push(p.matmul(&v)?);
-            start += rows;
-        }
-        let o = self.to_out.forward(&Tensor::cat(&outs, 1)?)?;
+        let q = self.to_q.forward(&n)?.unsqueeze(1)?;
+        let k = self.to_k.forward(&n)?.unsqueeze(1)?;
+        let v = self.to_v.forward(&n)?.unsqueeze(1)?;
+        let attn = chunked_attention(&q, &k, &v, b * ATTN_CHUNK * h * w)?;
+        let o = self.to_out.forward(&attn)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         x + o
     }
@@ -180,11 +171,9 @@ impl MidBlock {
     fn new(c: usize, groups: usize, attn: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             res0: Resnet::new(c, c, groups, vb.pp("resnets").pp("0"))?,
-            attn: if attn {
-                Some(MidAttention::new(c, groups, vb.pp("attentions").pp("0"))?)
-            } else {
-                None
-            },
+            attn: attn
+                .then(|| MidAttention::new(c, groups, vb.pp("attentions").pp("0")))
+                .transpose()?,
             res1: Resnet::new(c, c, groups, vb.pp("resnets").pp("1"))?,
         })
     }
@@ -198,6 +187,19 @@ impl Module for MidBlock {
         }
         self.res1.forward(&h)
     }
+}
+
+/// `n` resnets (`resnets.{j}`), the first taking `c_in` channels, the rest `c_out`.
+fn resnets(
+    c_in: usize,
+    c_out: usize,
+    n: usize,
+    groups: usize,
+    vb: VarBuilder,
+) -> Result<Vec<Resnet>> {
+    (0..n)
+        .map(|j| Resnet::new(if j == 0 { c_in } else { c_out }, c_out, groups, vb.pp(j)))
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -223,31 +225,12 @@ impl Encoder {
         let mut c_in = ch[0];
         for (i, &c_out) in ch.iter().enumerate() {
             let vbb = vb.pp("down_blocks").pp(i);
-            let resnets = (0..cfg.layers_per_block)
-                .map(|j| {
-                    Resnet::new(
-                        if j == 0 { c_in } else { c_out },
-                        c_out,
-                        g,
-                        vbb.pp("resnets").pp(j),
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let down_conv = if i + 1 < ch.len() {
-                Some(conv(
-                    c_out,
-                    c_out,
-                    3,
-                    2,
-                    0,
-                    vbb.pp("downsamplers").pp("0").pp("conv"),
-                )?)
-            } else {
-                None
-            };
             down.push(DownBlock {
-                resnets,
-                down: down_conv,
+                resnets: resnets(c_in, c_out, cfg.layers_per_block, g, vbb.pp("resnets"))?,
+                // Stride 2, no padding: `Encoder::forward` pads right and bottom first.
+                down: (i + 1 < ch.len())
+                    .then(|| conv(c_out, c_out, 3, 2, 0, vbb.pp("downsamplers.0.conv")))
+                    .transpose()?,
             });
             c_in = c_out;
         }
@@ -303,31 +286,17 @@ impl Decoder {
         let mut c_prev = rev[0];
         for (i, &c_out) in rev.iter().enumerate() {
             let vbb = vb.pp("up_blocks").pp(i);
-            let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| {
-                    Resnet::new(
-                        if j == 0 { c_prev } else { c_out },
-                        c_out,
-                        g,
-                        vbb.pp("resnets").pp(j),
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let up_conv = if i + 1 < rev.len() {
-                Some(conv(
-                    c_out,
-                    c_out,
-                    3,
-                    1,
-                    1,
-                    vbb.pp("upsamplers").pp("0").pp("conv"),
-                )?)
-            } else {
-                None
-            };
             up.push(UpBlock {
-                resnets,
-                up: up_conv,
+                resnets: resnets(
+                    c_prev,
+                    c_out,
+                    cfg.layers_per_block + 1,
+                    g,
+                    vbb.pp("resnets"),
+                )?,
+                up: (i + 1 < rev.len())
+                    .then(|| conv(c_out, c_out, 3, 1, 1, vbb.pp("upsamplers.0.conv")))
+                    .transpose()?,
             });
             c_prev = c_out;
         }
@@ -393,16 +362,14 @@ impl AutoencoderKLFlux2 {
         Ok(Self {
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
-            quant_conv: if cfg.use_quant_conv {
-                Some(conv(2 * lc, 2 * lc, 1, 1, 0, vb.pp("quant_conv"))?)
-            } else {
-                None
-            },
-            post_quant_conv: if cfg.use_post_quant_conv {
-                Some(conv(lc, lc, 1, 1, 0, vb.pp("post_quant_conv"))?)
-            } else {
-                None
-            },
+            quant_conv: cfg
+                .use_quant_conv
+                .then(|| conv(2 * lc, 2 * lc, 1, 1, 0, vb.pp("quant_conv")))
+                .transpose()?,
+            post_quant_conv: cfg
+                .use_post_quant_conv
+                .then(|| conv(lc, lc, 1, 1, 0, vb.pp("post_quant_conv")))
+                .transpose()?,
             bn_mean: mean.reshape((1, c, 1, 1))?,
             bn_std: std.reshape((1, c, 1, 1))?,
             cfg: cfg.clone(),

@@ -534,6 +534,33 @@ enum BflSource {
     SwapHalves(String),
 }
 
+impl BflSource {
+    /// The BFL tensor name.
+    fn bfl(&self) -> &str {
+        match self {
+            Self::Direct(b) | Self::Chunk(b, _, _) | Self::SwapHalves(b) => b,
+        }
+    }
+
+    /// The rows of BFL tensor `t` (or of its per-row scales) that make up the diffusers tensor.
+    fn select_rows(&self, t: Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Direct(_) => Ok(t),
+            Self::Chunk(b, i, n) => {
+                let rows = t.dim(0)?;
+                if !rows.is_multiple_of(*n) {
+                    candle_core::bail!("{b}: {rows} rows do not split into {n}");
+                }
+                t.narrow(0, i * rows / n, rows / n)?.contiguous()
+            }
+            Self::SwapHalves(_) => {
+                let half = t.dim(0)? / 2;
+                Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)
+            }
+        }
+    }
+}
+
 /// diffusers name -> BFL source (the inverse of diffusers' single-file converter).
 fn bfl_source(name: &str) -> Option<BflSource> {
     use BflSource::*;
@@ -637,22 +664,6 @@ impl BflBackend {
         .find(|n| self.st.get(n).is_ok())
     }
 
-    /// Rows `i`/`n` of a tensor (all of it for `Direct`); `None` for sources that are not a
-    /// plain row selection.
-    fn select_rows(src: &BflSource, t: Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(match src {
-            BflSource::Direct(_) => Some(t),
-            BflSource::Chunk(b, i, n) => {
-                let rows = t.dim(0)?;
-                if !rows.is_multiple_of(*n) {
-                    candle_core::bail!("{b}: {rows} rows do not split into {n}");
-                }
-                Some(t.narrow(0, i * rows / n, rows / n)?.contiguous()?)
-            }
-            BflSource::SwapHalves(_) => None,
-        })
-    }
-
     /// F8E4M3 values (`#fp8`) or `[out, 1]` f32 scales (`#fp8_scale`) of a scaled fp8 weight.
     fn get_raw_fp8(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
         let (weight, want_scale) = match name.strip_suffix(RAW_FP8_SCALE_SUFFIX) {
@@ -671,7 +682,7 @@ impl BflBackend {
         if raw.dtype() != DType::F8E4M3 {
             candle_core::bail!("{b} is {:?}, not F8E4M3", raw.dtype());
         }
-        let rows = Self::select_rows(&src, raw)?.expect("row selection");
+        let rows = src.select_rows(raw)?;
         if !want_scale {
             return Ok(rows);
         }
@@ -683,9 +694,7 @@ impl BflBackend {
         };
         let s = match s.elem_count() {
             1 => s.flatten_all()?.broadcast_as((out, 1))?.contiguous()?,
-            k if k == full_rows => {
-                Self::select_rows(&src, s.reshape((full_rows, 1))?)?.expect("row selection")
-            }
+            k if k == full_rows => src.select_rows(s.reshape((full_rows, 1))?)?,
             k => candle_core::bail!("{scale_name}: {k} elements, expected 1 or {full_rows}"),
         };
         Ok(s)
@@ -751,35 +760,15 @@ impl SimpleBackend for BflBackend {
         }
         let src = bfl_source(name)
             .ok_or_else(|| candle_core::Error::msg(format!("no BFL tensor maps to {name}")))?;
-        let t = match &src {
-            BflSource::Direct(b) => self.load_dequantized(b, dev)?,
-            BflSource::Chunk(b, i, n) => {
-                let full = self.load_dequantized(b, dev)?;
-                let rows = full.dim(0)?;
-                if !rows.is_multiple_of(*n) {
-                    candle_core::bail!("{b}: {rows} rows do not split into {n}");
-                }
-                full.narrow(0, i * rows / n, rows / n)?.contiguous()?
-            }
-            BflSource::SwapHalves(b) => {
-                let full = self.load_dequantized(b, dev)?;
-                let half = full.dim(0)? / 2;
-                Tensor::cat(&[full.narrow(0, half, half)?, full.narrow(0, 0, half)?], 0)?
-            }
-        };
-        t.to_dtype(dtype)
+        src.select_rows(self.load_dequantized(src.bfl(), dev)?)?
+            .to_dtype(dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
         if name.ends_with(RAW_FP8_SUFFIX) || name.ends_with(RAW_FP8_SCALE_SUFFIX) {
             return self.has_raw_fp8(name);
         }
-        match bfl_source(name) {
-            Some(BflSource::Direct(b) | BflSource::Chunk(b, _, _) | BflSource::SwapHalves(b)) => {
-                self.has(&b)
-            }
-            None => false,
-        }
+        bfl_source(name).is_some_and(|src| self.has(src.bfl()))
     }
 }
 

@@ -244,11 +244,7 @@ impl Upscaler {
                 opts.model.name()
             )));
         }
-        let dtype = if device.is_cuda() {
-            DType::F16
-        } else {
-            DType::F32
-        };
+        let dtype = compute_dtype(device);
         let net = Network::from_tensors(&arch, tensors, dtype, device).map_err(bad)?;
         tracing::info!(model = opts.model.name(), path = %path.display(), ?arch, ?dtype, "loaded Real-ESRGAN");
         Self::from_network(net, device, opts.tile, opts.tile_pad).map(|mut u| {
@@ -264,15 +260,10 @@ impl Upscaler {
         tile: u32,
         tile_pad: u32,
     ) -> Result<Self, UpscaleError> {
-        let dtype = if device.is_cuda() {
-            DType::F16
-        } else {
-            DType::F32
-        };
         let mut up = Self {
             net,
             device: device.clone(),
-            dtype,
+            dtype: compute_dtype(device),
             tile: 0,
             tile_pad: 0,
             weights_path: PathBuf::new(),
@@ -333,7 +324,8 @@ impl Upscaler {
         let (w, h) = (image.width(), image.height());
         let (ow, oh) = (w * scale, h * scale);
         Ok(match image {
-            D::ImageLuma8(g) => {
+            D::ImageLuma8(_) | D::ImageLuma16(_) => {
+                let g = image.to_luma8();
                 let out = self.enhance(ImageMode::Gray, g.as_raw(), w, h, scale)?;
                 D::ImageLuma8(image::GrayImage::from_raw(ow, oh, out).expect("size"))
             }
@@ -345,11 +337,6 @@ impl Upscaler {
                 let rgba = image.to_rgba8();
                 let out = self.enhance(ImageMode::Rgba, rgba.as_raw(), w, h, scale)?;
                 D::ImageRgba8(image::RgbaImage::from_raw(ow, oh, out).expect("size"))
-            }
-            D::ImageLuma16(_) => {
-                let g = image.to_luma8();
-                let out = self.enhance(ImageMode::Gray, g.as_raw(), w, h, scale)?;
-                D::ImageLuma8(image::GrayImage::from_raw(ow, oh, out).expect("size"))
             }
             _ => D::ImageRgb8(self.upscale(&image.to_rgb8(), scale)?),
         })
@@ -373,6 +360,16 @@ impl Upscaler {
             });
         }
         procedure::enhance(self, mode, pixels, w as usize, h as usize, scale as usize)
+    }
+}
+
+/// f16 on CUDA, as the original service ran RealESRGANer (`half=True`); f32 on the CPU, where
+/// half precision is not faster.
+fn compute_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::F16
+    } else {
+        DType::F32
     }
 }
 

@@ -240,28 +240,7 @@ pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>, UpscaleError
     let map: HashMap<String, Tensor> = match ext.as_str() {
         "safetensors" => candle_core::safetensors::load(path, &candle_core::Device::Cpu)
             .map_err(|e| bad(e.to_string()))?,
-        "pth" | "pt" | "ckpt" => {
-            let mut last_err = String::new();
-            let mut found = None;
-            for key in [Some("params_ema"), Some("params"), None] {
-                match candle_core::pickle::read_all_with_key(path, key) {
-                    Ok(v) if !v.is_empty() => {
-                        found = Some(v);
-                        break;
-                    }
-                    Ok(_) => last_err = format!("no tensors under {key:?}"),
-                    Err(e) => last_err = e.to_string(),
-                }
-            }
-            found
-                .ok_or_else(|| {
-                    bad(format!(
-                        "not a readable zip-format torch checkpoint: {last_err}"
-                    ))
-                })?
-                .into_iter()
-                .collect()
-        }
+        "pth" | "pt" | "ckpt" => load_pth(path).map_err(bad)?,
         "param" | "bin" => {
             let param = path.with_extension("param");
             let bin = path.with_extension("bin");
@@ -283,6 +262,21 @@ pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>, UpscaleError
         }
     };
     Ok(strip_common_prefix(map))
+}
+
+/// A zip-format torch checkpoint's tensors: `params_ema`, else `params`, else a bare state dict.
+fn load_pth(path: &Path) -> Result<HashMap<String, Tensor>, String> {
+    let mut last_err = String::new();
+    for key in [Some("params_ema"), Some("params"), None] {
+        match candle_core::pickle::read_all_with_key(path, key) {
+            Ok(v) if !v.is_empty() => return Ok(v.into_iter().collect()),
+            Ok(_) => last_err = format!("no tensors under {key:?}"),
+            Err(e) => last_err = e.to_string(),
+        }
+    }
+    Err(format!(
+        "not a readable zip-format torch checkpoint: {last_err}"
+    ))
 }
 
 /// Finds the model's weights in `dir`, downloading the official file if allowed.
