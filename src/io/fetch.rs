@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use reqwest::{StatusCode, header};
 use url::Url;
 
-use super::ssrf::{GuardedResolver, UrlPolicy, UrlRefused, redact};
+use super::ssrf::{UrlPolicy, UrlRefused, guarded_client, redact};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -45,14 +45,7 @@ pub struct Fetcher {
 
 impl Fetcher {
     pub fn new(config: FetchConfig) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
-            .dns_resolver(GuardedResolver::shared(config.policy))
-            .user_agent(concat!("imagegen/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let client = guarded_client(config.timeout, config.policy)?;
         Ok(Self { client, config })
     }
 

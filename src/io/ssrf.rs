@@ -188,6 +188,23 @@ impl GuardedResolver {
     }
 }
 
+/// The outbound HTTP client shared by downloads and uploads: no redirects followed by reqwest
+/// (callers check each hop), no proxy, the guarded resolver, and a connect timeout of at most
+/// 10 s.
+pub fn guarded_client(
+    timeout: std::time::Duration,
+    policy: UrlPolicy,
+) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(std::time::Duration::from_secs(10)))
+        .dns_resolver(GuardedResolver::shared(policy))
+        .user_agent(concat!("imagegen/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
 /// A URL without its query string and fragment, safe to log (presigned URLs carry credentials
 /// in the query).
 pub fn redact(url: &str) -> &str {

@@ -8,7 +8,7 @@ use reqwest::{StatusCode, header};
 use url::Url;
 
 use super::fetch::describe_reqwest_error;
-use super::ssrf::{GuardedResolver, UrlPolicy, UrlRefused, redact};
+use super::ssrf::{UrlPolicy, UrlRefused, guarded_client, redact};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -54,14 +54,7 @@ pub struct UploadReport {
 
 impl Uploader {
     pub fn new(config: UploadConfig) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
-            .dns_resolver(GuardedResolver::shared(config.policy))
-            .user_agent(concat!("imagegen/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let client = guarded_client(config.timeout, config.policy)?;
         Ok(Self { client, config })
     }
 
