@@ -344,15 +344,7 @@ impl Server {
     pub async fn wait_status(&self, status: &str, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let h: serde_json::Value = self
-                .client
-                .get(self.url("/health"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let h: serde_json::Value = self.get_json("/health").await;
             if h["status"] == status {
                 return;
             }
@@ -364,6 +356,30 @@ impl Server {
         }
     }
 
+    /// GETs `path` and parses the body as JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// GETs `path` and returns the body as text.
+    pub async fn get_text(&self, path: &str) -> String {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
         self.client
             .post(self.url(path))
@@ -371,6 +387,26 @@ impl Server {
             .send()
             .await
             .unwrap()
+    }
+
+    /// POSTs `body` as JSON to `path` on a spawned task, which yields the JSON answer.
+    pub fn spawn_post_json(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> tokio::task::JoinHandle<serde_json::Value> {
+        let (client, url) = (self.client.clone(), self.url(path));
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        })
     }
 
     pub fn shutdown(&mut self) {

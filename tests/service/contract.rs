@@ -191,15 +191,7 @@ async fn twenty_kinds_of_bad_body_give_422_with_the_right_loc() {
 #[tokio::test]
 async fn without_a_model_generate_is_503_and_health_unhealthy_but_422_still_first() {
     let s = Server::start_real(&["--preload-models", "false"]).await;
-    let h: Value = s
-        .client
-        .get(s.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h: Value = s.get_json("/health").await;
     assert_eq!(h["status"], "unhealthy");
     assert_eq!(h["flux_loaded"], false);
     assert_eq!(h["gpu_available"], false);
@@ -226,15 +218,7 @@ async fn ready_is_503_while_loading_and_health_says_loading() {
         &[],
     )
     .await;
-    let h: Value = s
-        .client
-        .get(s.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h: Value = s.get_json("/health").await;
     assert_eq!(h["status"], "loading", "{h}");
     let resp = s.client.get(s.url("/ready")).send().await.unwrap();
     assert_eq!(resp.status(), 503);
@@ -255,15 +239,7 @@ async fn ready_is_503_while_loading_and_health_says_loading() {
 #[tokio::test]
 async fn root_health_fields_and_request_id() {
     let s = loaded().await;
-    let root: Value = s
-        .client
-        .get(s.url("/"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let root: Value = s.get_json("/").await;
     assert_eq!(root["name"], "Image-Gen API");
     assert_eq!(root["version"], "0.2.0");
     assert_eq!(root["endpoints"].as_array().unwrap().len(), 3);
@@ -307,15 +283,7 @@ async fn root_health_fields_and_request_id() {
 #[tokio::test]
 async fn openapi_is_valid_and_docs_are_served_without_a_cdn() {
     let s = loaded().await;
-    let spec: Value = s
-        .client
-        .get(s.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec: Value = s.get_json("/openapi.json").await;
     assert!(spec["openapi"].as_str().unwrap().starts_with("3."));
     for path in [
         "/generate",
@@ -357,15 +325,7 @@ async fn metrics_expose_queue_stages_and_outcomes() {
     let s = loaded().await;
     s.post("/generate", with(ok_body(), "width", json!(1)))
         .await;
-    let text = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.get_text("/metrics").await;
     for needle in [
         "imagegen_queue_depth 0",
         "imagegen_queue_capacity 8",
@@ -385,15 +345,7 @@ async fn a_model_that_fails_to_load_is_reported_not_served() {
     let dir = empty.path().to_str().unwrap().to_string();
     let s = Server::start_real(&["--model-id", &dir]).await;
     s.wait_status("unhealthy", Duration::from_secs(30)).await;
-    let h: Value = s
-        .client
-        .get(s.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h: Value = s.get_json("/health").await;
     assert_eq!(h["flux_loaded"], false);
     let err = h["error"].as_str().unwrap();
     assert!(err.contains("model_index.json"), "{err}");

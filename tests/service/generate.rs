@@ -258,15 +258,7 @@ async fn uploads_retry_on_5xx() {
     assert_eq!(v["success"], true, "{v}");
     assert_eq!(peer.state.flaky_attempts.load(Ordering::SeqCst), 3);
     assert_eq!(v["results"][0]["output_url"], peer.url("/flaky"));
-    let text = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.get_text("/metrics").await;
     assert!(text.contains("imagegen_upload_retries_total 2"), "{text}");
 }
 

@@ -15,15 +15,7 @@ fn slow_body(peer: &Peer, steps: u32) -> Value {
 }
 
 async fn metric(s: &Server, name: &str) -> f64 {
-    let text = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.get_text("/metrics").await;
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.parse().ok())
@@ -54,33 +46,9 @@ async fn health_answers_while_the_worker_is_busy_and_a_full_queue_gives_503() {
     let peer = Peer::start().await;
 
     // Job A runs (50 steps x 120 ms = 6 s), job B waits in the single queue place.
-    let a = tokio::spawn({
-        let (c, u, b) = (s.client.clone(), s.url("/generate"), slow_body(&peer, 50));
-        async move {
-            c.post(u)
-                .json(&b)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
-    });
+    let a = s.spawn_post_json("/generate", slow_body(&peer, 50));
     wait_metric(&s, "imagegen_worker_busy", 1.0).await;
-    let b = tokio::spawn({
-        let (c, u, b) = (s.client.clone(), s.url("/generate"), slow_body(&peer, 1));
-        async move {
-            c.post(u)
-                .json(&b)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
-    });
+    let b = s.spawn_post_json("/generate", slow_body(&peer, 1));
     wait_metric(&s, "imagegen_queue_depth", 1.0).await;
 
     // /health, /live, /ready and /metrics answer from shared state while the GPU is busy.
@@ -97,15 +65,7 @@ async fn health_answers_while_the_worker_is_busy_and_a_full_queue_gives_503() {
         worst < Duration::from_secs(3),
         "health took {worst:?} while busy"
     );
-    let h: Value = s
-        .client
-        .get(s.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h: Value = s.get_json("/health").await;
     assert_eq!(h["queue_depth"], 1);
 
     let resp = s.post("/generate", slow_body(&peer, 1)).await;
@@ -183,19 +143,7 @@ async fn shutdown_finishes_running_work_within_the_grace_period() {
     s.wait_status("healthy", Duration::from_secs(10)).await;
     let peer = Peer::start().await;
     // 10 steps x 50 ms: finishes well inside the 2 s grace period of the test server.
-    let job = tokio::spawn({
-        let (c, u, b) = (s.client.clone(), s.url("/generate"), slow_body(&peer, 10));
-        async move {
-            c.post(u)
-                .json(&b)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
-    });
+    let job = s.spawn_post_json("/generate", slow_body(&peer, 10));
     wait_metric(&s, "imagegen_worker_busy", 1.0).await;
     s.shutdown();
     let v = job.await.unwrap();
@@ -218,19 +166,7 @@ async fn shutdown_cancels_work_that_outlasts_the_grace_period() {
     s.wait_status("healthy", Duration::from_secs(10)).await;
     let peer = Peer::start().await;
     // 50 steps x 100 ms = 5 s, longer than the 2 s grace period.
-    let job = tokio::spawn({
-        let (c, u, b) = (s.client.clone(), s.url("/generate"), slow_body(&peer, 50));
-        async move {
-            c.post(u)
-                .json(&b)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
-    });
+    let job = s.spawn_post_json("/generate", slow_body(&peer, 50));
     wait_metric(&s, "imagegen_worker_busy", 1.0).await;
     let t = Instant::now();
     s.shutdown();
@@ -252,32 +188,12 @@ async fn health_answers_during_a_real_generation() {
     let s = Server::start_real(&[]).await;
     s.wait_status("healthy", Duration::from_secs(60)).await;
     let peer = Peer::start().await;
-    let job = tokio::spawn({
-        let (c, u) = (s.client.clone(), s.url("/generate"));
-        let b = json!({"prompts": ["a", "b"], "upload_urls": vec![peer.url("/record"); 2],
-                       "width": 256, "height": 256, "num_steps": 12, "seed": 3});
-        async move {
-            c.post(u)
-                .json(&b)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
-    });
+    let b = json!({"prompts": ["a", "b"], "upload_urls": vec![peer.url("/record"); 2],
+                   "width": 256, "height": 256, "num_steps": 12, "seed": 3});
+    let job = s.spawn_post_json("/generate", b);
     wait_metric(&s, "imagegen_worker_busy", 1.0).await;
     let t = Instant::now();
-    let h: Value = s
-        .client
-        .get(s.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h: Value = s.get_json("/health").await;
     let took = t.elapsed();
     assert_eq!(h["status"], "healthy");
     let still_busy = metric(&s, "imagegen_worker_busy").await == 1.0;
