@@ -356,6 +356,11 @@ impl Server {
         }
     }
 
+    /// POSTs `body` as JSON to `path` and parses the answer as JSON, whatever its status.
+    pub async fn post_json(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        self.post(path, body).await.json().await.unwrap()
+    }
+
     /// GETs `path` and parses the body as JSON.
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
         self.client

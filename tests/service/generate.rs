@@ -98,15 +98,12 @@ async fn formats_round_trip_with_matching_content_types() {
         let key = format!("fmt/x.{format}");
         let url = s3.presign_put(&key, ct, HOUR);
         let v: Value = s
-            .post(
+            .post_json(
                 "/generate",
                 json!({"prompts": ["p"], "upload_urls": [url], "output_format": format,
                        "width": 256, "height": 256, "num_steps": 1, "seed": 7}),
             )
-            .await
-            .json()
-            .await
-            .unwrap();
+            .await;
         assert_eq!(v["success"], true, "{format}: {v}");
         let (got_ct, bytes) = s3.get(&key).await.unwrap();
         assert_eq!(got_ct, ct);
@@ -215,15 +212,12 @@ async fn random_seeds_differ_between_requests_and_stay_in_range() {
     let mut seeds = Vec::new();
     for _ in 0..3 {
         let v: Value = s
-            .post(
+            .post_json(
                 "/generate",
                 json!({"prompts": ["a", "b"], "upload_urls": [peer.url("/record"), peer.url("/record")],
                        "width": 256, "height": 256, "num_steps": 1}),
             )
-            .await
-            .json()
-            .await
-            .unwrap();
+            .await;
         assert_eq!(v["success"], true, "{v}");
         let base = v["results"][0]["seed"].as_u64().unwrap();
         assert_eq!(v["results"][1]["seed"].as_u64().unwrap(), base + 1);
@@ -246,15 +240,12 @@ async fn random_seeds_differ_between_requests_and_stay_in_range() {
 async fn uploads_retry_on_5xx() {
     let (s, _s3, peer) = setup().await;
     let v: Value = s
-        .post(
+        .post_json(
             "/generate",
             json!({"prompts": ["a"], "upload_urls": [peer.url("/flaky?X-Amz-Signature=secret")],
                    "width": 256, "height": 256, "num_steps": 1}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(v["success"], true, "{v}");
     assert_eq!(peer.state.flaky_attempts.load(Ordering::SeqCst), 3);
     assert_eq!(v["results"][0]["output_url"], peer.url("/flaky"));
@@ -269,15 +260,12 @@ async fn generate_with_upscale_reports_the_upscaled_size() {
         .map(|i| s3.presign_put(&format!("up{i}.webp"), "image/webp", HOUR))
         .collect();
     let v: Value = s
-        .post(
+        .post_json(
             "/generate",
             json!({"prompts": ["a", "b"], "upload_urls": urls, "upscale": 2,
                    "width": 256, "height": 272, "num_steps": 1, "output_format": "webp"}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(v["success"], true, "{v}");
     assert_eq!(v["results"][1]["width"], 512);
     assert_eq!(v["results"][1]["height"], 544);
@@ -291,14 +279,11 @@ async fn upscale_endpoint_round_trip_and_failure_shape() {
     let (s, s3, peer) = setup().await;
     let url = s3.presign_put("big.jpeg", "image/jpeg", HOUR);
     let v: Value = s
-        .post(
+        .post_json(
             "/upscale",
             json!({"image_url": peer.url("/ref.png"), "upload_url": url, "output_format": "jpeg"}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(v["success"], true, "{v}");
     assert_eq!(
         (v["input_width"].as_u64(), v["input_height"].as_u64()),
@@ -323,11 +308,8 @@ async fn upscale_endpoint_round_trip_and_failure_shape() {
     assert_eq!(image::load_from_memory(&bytes).unwrap().width(), 512);
 
     let v: Value = s
-        .post("/upscale", json!({"image_url": peer.url("/bomb.png"), "upload_url": peer.url("/record"), "scale": 2}))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .post_json("/upscale", json!({"image_url": peer.url("/bomb.png"), "upload_url": peer.url("/record"), "scale": 2}))
+        .await;
     assert_eq!(v["success"], false);
     assert!(v["error"].as_str().unwrap().contains("30000x30000"), "{v}");
     assert_eq!(v["output_url"], Value::Null);

@@ -50,15 +50,12 @@ async fn private_and_metadata_targets_are_refused_by_default() {
     // Reference images go through the same guard.
     s.wait_status("healthy", Duration::from_secs(60)).await;
     let v: Value = s
-        .post(
+        .post_json(
             "/generate",
             json!({"prompts": ["a"], "upload_urls": ["http://203.0.113.9/o.png"],
                    "images": [{"url": "http://169.254.169.254/"}]}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     let err = v["results"][0]["error"].as_str().unwrap();
     assert!(
         err.contains("reference image 0") && err.contains("link-local"),
@@ -94,14 +91,11 @@ async fn caps_and_redirects() {
     assert!(err.contains("unrecognised image format"), "{err}");
     // A redirect to an allowed target is followed; /upscale works with no FLUX model.
     let v: Value = s
-        .post(
+        .post_json(
             "/upscale",
             json!({"image_url": peer.url("/redirect"), "upload_url": sink, "scale": 2}),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(v["success"], true, "{v}");
     assert_eq!(v["output_width"], 256);
     assert_eq!(peer.state.puts.lock().unwrap().len(), 1);
