@@ -246,6 +246,17 @@ async fn record(State(s): State<Arc<PeerState>>, headers: HeaderMap, body: Bytes
     StatusCode::OK.into_response()
 }
 
+/// Flags every test server starts with: loopback URLs allowed (the test peers live there), fast
+/// upload retries and a 2 s shutdown grace period.
+const TEST_FLAGS: [&str; 6] = [
+    "--allow-private-urls",
+    "true",
+    "--upload-retry-base-ms",
+    "20",
+    "--shutdown-grace-secs",
+    "2",
+];
+
 /// A running imagegen server; stops (gracefully) when dropped.
 pub struct Server {
     pub addr: SocketAddr,
@@ -266,35 +277,12 @@ impl Server {
         upscaler: U,
         flags: &[&str],
     ) -> Server {
-        let mut argv = vec![
-            "--allow-private-urls",
-            "true",
-            "--upload-retry-base-ms",
-            "20",
-            "--shutdown-grace-secs",
-            "2",
-        ];
-        argv.extend_from_slice(flags);
-        let args = ServeArgs::try_parse_from(argv).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(imagegen::api::run(
-            listener,
-            args,
-            false,
-            loader,
-            upscaler,
-            async move {
+        Self::launch(&[], flags, |listener, args, stopped| {
+            imagegen::api::run(listener, args, false, loader, upscaler, async move {
                 let _ = stopped.await;
-            },
-        ));
-        Server {
-            addr,
-            client: reqwest::Client::builder().no_proxy().build().unwrap(),
-            stop: Some(stop),
-            handle: Some(handle),
-        }
+            })
+        })
+        .await
     }
 
     /// Starts the production server (`imagegen::api::serve_on`) on CPU with the committed tiny
@@ -304,13 +292,7 @@ impl Server {
         let root = env!("CARGO_MANIFEST_DIR");
         let model = format!("{root}/tests/fixtures/flux2/tiny-model");
         let weights = format!("{root}/tests/fixtures/upscale/srvgg_x4.safetensors");
-        let mut argv = vec![
-            "--allow-private-urls",
-            "true",
-            "--upload-retry-base-ms",
-            "20",
-            "--shutdown-grace-secs",
-            "2",
+        let real = [
             "--device",
             "cpu",
             "--model-id",
@@ -324,14 +306,29 @@ impl Server {
             "--upscaler-allow-download",
             "false",
         ];
+        Self::launch(&real, flags, |listener, args, stopped| {
+            imagegen::api::serve_on(listener, args, async move {
+                let _ = stopped.await;
+            })
+        })
+        .await
+    }
+
+    /// Parses `TEST_FLAGS`, then `preset`, then `flags`; binds an ephemeral loopback port and
+    /// spawns `serve` on it with a shutdown signal that `shutdown` (or drop) fires.
+    async fn launch<F, Fut>(preset: &[&str], flags: &[&str], serve: F) -> Server
+    where
+        F: FnOnce(TcpListener, ServeArgs, oneshot::Receiver<()>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let mut argv: Vec<&str> = TEST_FLAGS.to_vec();
+        argv.extend_from_slice(preset);
         argv.extend_from_slice(flags);
         let args = ServeArgs::try_parse_from(argv).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(imagegen::api::serve_on(listener, args, async move {
-            let _ = stopped.await;
-        }));
+        let handle = tokio::spawn(serve(listener, args, stopped));
         Server {
             addr,
             client: reqwest::Client::builder().no_proxy().build().unwrap(),
