@@ -14,6 +14,18 @@ fn slow_body(peer: &Peer, steps: u32) -> Value {
            "width": 256, "height": 256, "num_steps": steps, "seed": 1})
 }
 
+/// A painter that sleeps `step_delay` per step, a healthy server running it with `flags`, and a
+/// peer to upload to.
+async fn painting_server(step_delay: Duration, flags: &[&str]) -> (Paint, Server, Peer) {
+    let paint = Paint {
+        step_delay,
+        ..Default::default()
+    };
+    let s = Server::start(paint.loader(Duration::ZERO), NoUpscaler, flags).await;
+    s.wait_status("healthy", Duration::from_secs(10)).await;
+    (paint, s, Peer::start().await)
+}
+
 async fn metric(s: &Server, name: &str) -> f64 {
     let text = s.get_text("/metrics").await;
     text.lines()
@@ -32,18 +44,11 @@ async fn wait_metric(s: &Server, name: &str, value: f64) {
 
 #[tokio::test]
 async fn health_answers_while_the_worker_is_busy_and_a_full_queue_gives_503() {
-    let paint = Paint {
-        step_delay: Duration::from_millis(100),
-        ..Default::default()
-    };
-    let s = Server::start(
-        paint.loader(Duration::ZERO),
-        NoUpscaler,
+    let (_paint, s, peer) = painting_server(
+        Duration::from_millis(100),
         &["--queue-size", "1", "--retry-after-secs", "7"],
     )
     .await;
-    s.wait_status("healthy", Duration::from_secs(10)).await;
-    let peer = Peer::start().await;
 
     // Job A runs (50 steps x 120 ms = 6 s), job B waits in the single queue place.
     let a = s.spawn_post_json("/generate", slow_body(&peer, 50));
@@ -97,13 +102,7 @@ async fn health_answers_while_the_worker_is_busy_and_a_full_queue_gives_503() {
 
 #[tokio::test]
 async fn a_client_that_disconnects_cancels_its_remaining_work() {
-    let paint = Paint {
-        step_delay: Duration::from_millis(50),
-        ..Default::default()
-    };
-    let s = Server::start(paint.loader(Duration::ZERO), NoUpscaler, &[]).await;
-    s.wait_status("healthy", Duration::from_secs(10)).await;
-    let peer = Peer::start().await;
+    let (paint, s, peer) = painting_server(Duration::from_millis(50), &[]).await;
     // 3 items x 50 steps x 50 ms = 7.5 s of work; the client gives up after 0.5 s.
     let body = json!({"prompts": ["a", "b", "c"], "upload_urls": vec![peer.url("/record"); 3],
                       "width": 256, "height": 256, "num_steps": 50});
@@ -135,13 +134,7 @@ async fn a_client_that_disconnects_cancels_its_remaining_work() {
 
 #[tokio::test]
 async fn shutdown_finishes_running_work_within_the_grace_period() {
-    let paint = Paint {
-        step_delay: Duration::from_millis(50),
-        ..Default::default()
-    };
-    let mut s = Server::start(paint.loader(Duration::ZERO), NoUpscaler, &[]).await;
-    s.wait_status("healthy", Duration::from_secs(10)).await;
-    let peer = Peer::start().await;
+    let (_paint, mut s, peer) = painting_server(Duration::from_millis(50), &[]).await;
     // 10 steps x 50 ms: finishes well inside the 2 s grace period of the test server.
     let job = s.spawn_post_json("/generate", slow_body(&peer, 10));
     wait_metric(&s, "imagegen_worker_busy", 1.0).await;
@@ -158,13 +151,7 @@ async fn shutdown_finishes_running_work_within_the_grace_period() {
 
 #[tokio::test]
 async fn shutdown_cancels_work_that_outlasts_the_grace_period() {
-    let paint = Paint {
-        step_delay: Duration::from_millis(100),
-        ..Default::default()
-    };
-    let mut s = Server::start(paint.loader(Duration::ZERO), NoUpscaler, &[]).await;
-    s.wait_status("healthy", Duration::from_secs(10)).await;
-    let peer = Peer::start().await;
+    let (_paint, mut s, peer) = painting_server(Duration::from_millis(100), &[]).await;
     // 50 steps x 100 ms = 5 s, longer than the 2 s grace period.
     let job = s.spawn_post_json("/generate", slow_body(&peer, 50));
     wait_metric(&s, "imagegen_worker_busy", 1.0).await;
@@ -212,14 +199,8 @@ async fn health_answers_during_a_real_generation() {
 
 #[tokio::test]
 async fn while_draining_ready_fails_and_new_jobs_are_refused() {
-    let mut s = Server::start(
-        Paint::default().loader(Duration::ZERO),
-        NoUpscaler,
-        &["--shutdown-drain-delay-secs", "2"],
-    )
-    .await;
-    s.wait_status("healthy", Duration::from_secs(10)).await;
-    let peer = Peer::start().await;
+    let (_paint, mut s, peer) =
+        painting_server(Duration::ZERO, &["--shutdown-drain-delay-secs", "2"]).await;
     assert_eq!(
         s.client.get(s.url("/ready")).send().await.unwrap().status(),
         200
