@@ -206,7 +206,7 @@ async fn without_a_model_generate_is_503_and_health_unhealthy_but_422_still_firs
         .post("/generate", with(ok_body(), "width", json!(1)))
         .await;
     assert_eq!(resp.status(), 422);
-    let resp = s.client.get(s.url("/ready")).send().await.unwrap();
+    let resp = s.get("/ready").await;
     assert_eq!(resp.status(), 503);
 }
 
@@ -220,20 +220,14 @@ async fn ready_is_503_while_loading_and_health_says_loading() {
     .await;
     let h: Value = s.get_json("/health").await;
     assert_eq!(h["status"], "loading", "{h}");
-    let resp = s.client.get(s.url("/ready")).send().await.unwrap();
+    let resp = s.get("/ready").await;
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.json::<Value>().await.unwrap()["status"], "loading");
     let resp = s.post("/generate", ok_body()).await;
     assert_eq!(resp.status(), 503);
-    assert_eq!(
-        s.client.get(s.url("/live")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(s.get("/live").await.status(), 200);
     s.wait_status("healthy", Duration::from_secs(20)).await;
-    assert_eq!(
-        s.client.get(s.url("/ready")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(s.get("/ready").await.status(), 200);
 }
 
 #[tokio::test]
@@ -275,7 +269,7 @@ async fn root_health_fields_and_request_id() {
     );
     assert_eq!(h["quantization"], "none");
     // Without an incoming id the server makes one.
-    let resp = s.client.get(s.url("/live")).send().await.unwrap();
+    let resp = s.get("/live").await;
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(id.len(), 36, "{id}");
 }
@@ -302,7 +296,7 @@ async fn openapi_is_valid_and_docs_are_served_without_a_cdn() {
     let req = &spec["components"]["schemas"]["GenerateRequest"]["properties"];
     assert_eq!(req["width"]["minimum"], 256);
     assert_eq!(req["width"]["maximum"], 2048);
-    let resp = s.client.get(s.url("/docs/")).send().await.unwrap();
+    let resp = s.get("/docs/").await;
     assert_eq!(resp.status(), 200);
     let html = resp.text().await.unwrap();
     assert!(html.contains("swagger"), "{html}");
@@ -310,12 +304,7 @@ async fn openapi_is_valid_and_docs_are_served_without_a_cdn() {
         !html.contains("cdn") && !html.contains("unpkg"),
         "docs must not load from a CDN"
     );
-    let js = s
-        .client
-        .get(s.url("/docs/swagger-ui-bundle.js"))
-        .send()
-        .await
-        .unwrap();
+    let js = s.get("/docs/swagger-ui-bundle.js").await;
     assert_eq!(js.status(), 200);
     assert!(js.bytes().await.unwrap().len() > 100_000);
 }
@@ -349,7 +338,7 @@ async fn a_model_that_fails_to_load_is_reported_not_served() {
     assert_eq!(h["flux_loaded"], false);
     let err = h["error"].as_str().unwrap();
     assert!(err.contains("model_index.json"), "{err}");
-    let resp = s.client.get(s.url("/ready")).send().await.unwrap();
+    let resp = s.get("/ready").await;
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.json::<Value>().await.unwrap()["status"], "failed");
     assert_eq!(s.post("/generate", ok_body()).await.status(), 503);

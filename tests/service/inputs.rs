@@ -107,6 +107,6 @@ async fn missing_upscaler_weights_fail_the_request_not_the_server() {
     let peer = Peer::start().await;
     let err = upscale_error(&s, &peer.url("/ref.png"), &peer.url("/record")).await;
     assert!(err.contains("missing.safetensors"), "{err}");
-    let live = s.client.get(s.url("/live")).send().await.unwrap();
+    let live = s.get("/live").await;
     assert_eq!(live.status(), 200);
 }

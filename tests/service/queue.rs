@@ -62,7 +62,7 @@ async fn health_answers_while_the_worker_is_busy_and_a_full_queue_gives_503() {
     let mut worst = Duration::ZERO;
     for path in ["/health", "/live", "/ready", "/metrics", "/health"] {
         let t = Instant::now();
-        let resp = s.client.get(s.url(path)).send().await.unwrap();
+        let resp = s.get(path).await;
         worst = worst.max(t.elapsed());
         assert_eq!(resp.status(), 200, "{path}");
     }
@@ -201,14 +201,11 @@ async fn health_answers_during_a_real_generation() {
 async fn while_draining_ready_fails_and_new_jobs_are_refused() {
     let (_paint, mut s, peer) =
         painting_server(Duration::ZERO, &["--shutdown-drain-delay-secs", "2"]).await;
-    assert_eq!(
-        s.client.get(s.url("/ready")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(s.get("/ready").await.status(), 200);
     s.shutdown();
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let resp = s.client.get(s.url("/ready")).send().await.unwrap();
+        let resp = s.get("/ready").await;
         if resp.status() == 503 {
             assert_eq!(resp.json::<Value>().await.unwrap()["status"], "draining");
             break;
@@ -216,10 +213,7 @@ async fn while_draining_ready_fails_and_new_jobs_are_refused() {
         assert!(Instant::now() < deadline, "/ready never failed");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(
-        s.client.get(s.url("/live")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(s.get("/live").await.status(), 200);
     let resp = s.post("/generate", slow_body(&peer, 1)).await;
     assert_eq!(resp.status(), 503);
     let stopped = tokio::time::timeout(Duration::from_secs(10), s.handle.take().unwrap()).await;
