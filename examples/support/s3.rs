@@ -17,8 +17,8 @@ pub const BUCKET: &str = "images";
 pub struct LocalS3 {
     pub addr: SocketAddr,
     pub root: PathBuf,
-    bucket: Bucket,
-    creds: Credentials,
+    pub bucket: Bucket,
+    pub creds: Credentials,
 }
 
 impl LocalS3 {

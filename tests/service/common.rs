@@ -13,68 +13,43 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, put};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use imagegen::config::ServeArgs;
 use imagegen::engine::{BackendLoader, ImageBackend, UpscaleBackend};
+use rusty_s3::Credentials;
 use rusty_s3::actions::S3Action as _;
-use rusty_s3::{Bucket, Credentials, UrlStyle};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-pub const ACCESS_KEY: &str = "AKIDTESTTEST";
-pub const SECRET_KEY: &str = "secret/for/loopback/tests";
-pub const BUCKET: &str = "images";
+/// The S3 server and presigner the smoke examples use (s3s-fs on a folder, rusty-s3 URLs).
+#[allow(dead_code)]
+#[path = "../../examples/support/s3.rs"]
+mod local_s3;
+use local_s3::{ACCESS_KEY, LocalS3};
 
 /// An in-process s3s-fs server on 127.0.0.1 with authentication on.
 pub struct S3 {
     pub addr: SocketAddr,
+    server: LocalS3,
     /// Keeps the bucket folder alive as long as the server.
     _root: tempfile::TempDir,
-    bucket: Bucket,
-    creds: Credentials,
 }
 
 impl S3 {
     pub async fn start() -> S3 {
         let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir(root.path().join(BUCKET)).unwrap();
-        let fs = s3s_fs::FileSystem::new(root.path()).expect("s3s-fs root");
-        let mut builder = s3s::service::S3ServiceBuilder::new(fs);
-        builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-        let service = builder.build();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let Ok((socket, _)) = listener.accept().await else {
-                    continue;
-                };
-                let service = service.clone();
-                tokio::spawn(async move {
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(socket), service)
-                        .await;
-                });
-            }
-        });
-        let bucket = Bucket::new(
-            format!("http://{addr}").parse().unwrap(),
-            UrlStyle::Path,
-            BUCKET,
-            "us-east-1",
-        )
-        .unwrap();
+        let server = LocalS3::start(root.path(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
         S3 {
-            addr,
+            addr: server.addr,
+            server,
             _root: root,
-            bucket,
-            creds: Credentials::new(ACCESS_KEY, SECRET_KEY),
         }
     }
 
     /// A presigned PUT URL that signs `content_type` (as production callers do).
     pub fn presign_put(&self, key: &str, content_type: &str, expires: Duration) -> String {
-        let mut action = self.bucket.put_object(Some(&self.creds), key);
+        let mut action = self.server.bucket.put_object(Some(&self.server.creds), key);
         action.headers_mut().insert("content-type", content_type);
         action.sign(expires).to_string()
     }
@@ -82,7 +57,7 @@ impl S3 {
     /// A presigned PUT URL signed with the wrong secret.
     pub fn presign_put_wrong_secret(&self, key: &str, content_type: &str) -> String {
         let wrong = Credentials::new(ACCESS_KEY, "not-the-secret");
-        let mut action = self.bucket.put_object(Some(&wrong), key);
+        let mut action = self.server.bucket.put_object(Some(&wrong), key);
         action.headers_mut().insert("content-type", content_type);
         action.sign(Duration::from_secs(600)).to_string()
     }
@@ -90,8 +65,9 @@ impl S3 {
     /// GETs a stored object through the S3 API: (content type, bytes); None if absent.
     pub async fn get(&self, key: &str) -> Option<(String, Vec<u8>)> {
         let url = self
+            .server
             .bucket
-            .get_object(Some(&self.creds), key)
+            .get_object(Some(&self.server.creds), key)
             .sign(Duration::from_secs(60));
         let resp = reqwest::get(url.as_str()).await.unwrap();
         if resp.status() == StatusCode::NOT_FOUND {
