@@ -10,5 +10,6 @@ pub mod device;
 pub mod engine;
 pub mod flux2;
 pub mod io;
+pub mod nn;
 pub mod telemetry;
 pub mod upscale;

@@ -4,10 +4,13 @@
 //! channels and BatchNorm running-statistics normalisation of the patchified latents.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 use serde::Deserialize;
 
 use super::layers::chunked_attention;
+use crate::nn::conv::lean_conv2d;
+use crate::nn::group_norm::lean_group_norm;
+use crate::nn::{LeanBudget, LeanConv2d, LeanGroupNorm, Pad};
 
 fn d_ch3() -> usize {
     3
@@ -68,33 +71,50 @@ impl AutoencoderKLFlux2Config {
 
 const RESNET_EPS: f64 = 1e-6;
 
-fn conv(i: usize, o: usize, k: usize, stride: usize, pad: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: pad,
-        stride,
-        ..Default::default()
-    };
-    candle_nn::conv2d(i, o, k, cfg, vb)
+/// The 1×1 quant convs at latent resolution: small, so candle's plain conv.
+fn conv1x1(i: usize, o: usize, vb: VarBuilder) -> Result<Conv2d> {
+    candle_nn::conv2d(i, o, 1, Conv2dConfig::default(), vb)
+}
+
+/// Every other conv runs in im2col-bounded bands (see [`crate::nn`]).
+fn conv(
+    i: usize,
+    o: usize,
+    k: usize,
+    stride: usize,
+    pad: Pad,
+    lean: LeanBudget,
+    vb: VarBuilder,
+) -> Result<LeanConv2d> {
+    lean_conv2d(i, o, k, stride, pad, lean.im2col_bytes, vb)
+}
+
+fn conv3(i: usize, o: usize, lean: LeanBudget, vb: VarBuilder) -> Result<LeanConv2d> {
+    conv(i, o, 3, 1, Pad::uniform(1), lean, vb)
+}
+
+fn norm(groups: usize, c: usize, lean: LeanBudget, vb: VarBuilder) -> Result<LeanGroupNorm> {
+    lean_group_norm(groups, c, RESNET_EPS, lean.norm_bytes, vb)
 }
 
 #[derive(Debug, Clone)]
 struct Resnet {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    shortcut: Option<Conv2d>,
+    norm1: LeanGroupNorm,
+    conv1: LeanConv2d,
+    norm2: LeanGroupNorm,
+    conv2: LeanConv2d,
+    shortcut: Option<LeanConv2d>,
 }
 
 impl Resnet {
-    fn new(i: usize, o: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(i: usize, o: usize, groups: usize, lean: LeanBudget, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            norm1: candle_nn::group_norm(groups, i, RESNET_EPS, vb.pp("norm1"))?,
-            conv1: conv(i, o, 3, 1, 1, vb.pp("conv1"))?,
-            norm2: candle_nn::group_norm(groups, o, RESNET_EPS, vb.pp("norm2"))?,
-            conv2: conv(o, o, 3, 1, 1, vb.pp("conv2"))?,
+            norm1: norm(groups, i, lean, vb.pp("norm1"))?,
+            conv1: conv3(i, o, lean, vb.pp("conv1"))?,
+            norm2: norm(groups, o, lean, vb.pp("norm2"))?,
+            conv2: conv3(o, o, lean, vb.pp("conv2"))?,
             shortcut: (i != o)
-                .then(|| conv(i, o, 1, 1, 0, vb.pp("conv_shortcut")))
+                .then(|| conv(i, o, 1, 1, Pad::uniform(0), lean, vb.pp("conv_shortcut")))
                 .transpose()?,
         })
     }
@@ -102,12 +122,13 @@ impl Resnet {
 
 impl Module for Resnet {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self
-            .conv1
-            .forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
-        let h = self
-            .conv2
-            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        // Each full-size intermediate is dropped as soon as the next exists: at 1024² one is
+        // up to 512 MB in bf16.
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let n = self.norm2.forward_silu(&h)?;
+        drop(h);
+        let h = self.conv2.forward(&n)?;
+        drop(n);
         match &self.shortcut {
             Some(s) => s.forward(x)? + h,
             None => x + h,
@@ -118,7 +139,7 @@ impl Module for Resnet {
 /// Single-head spatial self-attention of the mid block, with residual.
 #[derive(Debug, Clone)]
 struct MidAttention {
-    group_norm: GroupNorm,
+    group_norm: LeanGroupNorm,
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
@@ -130,9 +151,9 @@ struct MidAttention {
 const ATTN_CHUNK: usize = 4096;
 
 impl MidAttention {
-    fn new(c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(c: usize, groups: usize, lean: LeanBudget, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            group_norm: candle_nn::group_norm(groups, c, RESNET_EPS, vb.pp("group_norm"))?,
+            group_norm: norm(groups, c, lean, vb.pp("group_norm"))?,
             to_q: candle_nn::linear(c, c, vb.pp("to_q"))?,
             to_k: candle_nn::linear(c, c, vb.pp("to_k"))?,
             to_v: candle_nn::linear(c, c, vb.pp("to_v"))?,
@@ -168,13 +189,13 @@ struct MidBlock {
 }
 
 impl MidBlock {
-    fn new(c: usize, groups: usize, attn: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(c: usize, groups: usize, attn: bool, lean: LeanBudget, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            res0: Resnet::new(c, c, groups, vb.pp("resnets").pp("0"))?,
+            res0: Resnet::new(c, c, groups, lean, vb.pp("resnets").pp("0"))?,
             attn: attn
-                .then(|| MidAttention::new(c, groups, vb.pp("attentions").pp("0")))
+                .then(|| MidAttention::new(c, groups, lean, vb.pp("attentions").pp("0")))
                 .transpose()?,
-            res1: Resnet::new(c, c, groups, vb.pp("resnets").pp("1"))?,
+            res1: Resnet::new(c, c, groups, lean, vb.pp("resnets").pp("1"))?,
         })
     }
 }
@@ -195,30 +216,42 @@ fn resnets(
     c_out: usize,
     n: usize,
     groups: usize,
+    lean: LeanBudget,
     vb: VarBuilder,
 ) -> Result<Vec<Resnet>> {
     (0..n)
-        .map(|j| Resnet::new(if j == 0 { c_in } else { c_out }, c_out, groups, vb.pp(j)))
+        .map(|j| {
+            let i = if j == 0 { c_in } else { c_out };
+            Resnet::new(i, c_out, groups, lean, vb.pp(j))
+        })
         .collect()
 }
 
 #[derive(Debug, Clone)]
 struct DownBlock {
     resnets: Vec<Resnet>,
-    down: Option<Conv2d>,
+    down: Option<LeanConv2d>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Encoder {
-    conv_in: Conv2d,
+    conv_in: LeanConv2d,
     down: Vec<DownBlock>,
     mid: MidBlock,
-    norm_out: GroupNorm,
-    conv_out: Conv2d,
+    norm_out: LeanGroupNorm,
+    conv_out: LeanConv2d,
 }
 
+/// diffusers' downsampler pads right and bottom only, then convolves with stride 2.
+const DOWN_PAD: Pad = Pad {
+    top: 0,
+    bottom: 1,
+    left: 0,
+    right: 1,
+};
+
 impl Encoder {
-    fn new(cfg: &AutoencoderKLFlux2Config, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &AutoencoderKLFlux2Config, lean: LeanBudget, vb: VarBuilder) -> Result<Self> {
         let ch = &cfg.block_out_channels;
         let g = cfg.norm_num_groups;
         let mut down = Vec::new();
@@ -226,21 +259,36 @@ impl Encoder {
         for (i, &c_out) in ch.iter().enumerate() {
             let vbb = vb.pp("down_blocks").pp(i);
             down.push(DownBlock {
-                resnets: resnets(c_in, c_out, cfg.layers_per_block, g, vbb.pp("resnets"))?,
-                // Stride 2, no padding: `Encoder::forward` pads right and bottom first.
+                resnets: resnets(
+                    c_in,
+                    c_out,
+                    cfg.layers_per_block,
+                    g,
+                    lean,
+                    vbb.pp("resnets"),
+                )?,
                 down: (i + 1 < ch.len())
-                    .then(|| conv(c_out, c_out, 3, 2, 0, vbb.pp("downsamplers.0.conv")))
+                    .then(|| {
+                        let vbd = vbb.pp("downsamplers.0.conv");
+                        conv(c_out, c_out, 3, 2, DOWN_PAD, lean, vbd)
+                    })
                     .transpose()?,
             });
             c_in = c_out;
         }
         let top = *ch.last().unwrap_or(&ch[0]);
         Ok(Self {
-            conv_in: conv(cfg.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?,
+            conv_in: conv3(cfg.in_channels, ch[0], lean, vb.pp("conv_in"))?,
             down,
-            mid: MidBlock::new(top, g, cfg.mid_block_add_attention, vb.pp("mid_block"))?,
-            norm_out: candle_nn::group_norm(g, top, RESNET_EPS, vb.pp("conv_norm_out"))?,
-            conv_out: conv(top, 2 * cfg.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            mid: MidBlock::new(
+                top,
+                g,
+                cfg.mid_block_add_attention,
+                lean,
+                vb.pp("mid_block"),
+            )?,
+            norm_out: norm(g, top, lean, vb.pp("conv_norm_out"))?,
+            conv_out: conv3(top, 2 * cfg.latent_channels, lean, vb.pp("conv_out"))?,
         })
     }
 }
@@ -253,33 +301,32 @@ impl Module for Encoder {
                 h = r.forward(&h)?;
             }
             if let Some(d) = &b.down {
-                // diffusers pads right and bottom only, then convolves with stride 2.
-                h = d.forward(&h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
+                h = d.forward(&h)?;
             }
         }
         let h = self.mid.forward(&h)?;
-        self.conv_out
-            .forward(&candle_nn::ops::silu(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 
 #[derive(Debug, Clone)]
 struct UpBlock {
     resnets: Vec<Resnet>,
-    up: Option<Conv2d>,
+    /// Applied to the 2× nearest-upsampled input, fused (see [`LeanConv2d::forward_up2`]).
+    up: Option<LeanConv2d>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Decoder {
-    conv_in: Conv2d,
+    conv_in: LeanConv2d,
     mid: MidBlock,
     up: Vec<UpBlock>,
-    norm_out: GroupNorm,
-    conv_out: Conv2d,
+    norm_out: LeanGroupNorm,
+    conv_out: LeanConv2d,
 }
 
 impl Decoder {
-    fn new(cfg: &AutoencoderKLFlux2Config, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &AutoencoderKLFlux2Config, lean: LeanBudget, vb: VarBuilder) -> Result<Self> {
         let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let g = cfg.norm_num_groups;
         let mut up = Vec::new();
@@ -292,21 +339,28 @@ impl Decoder {
                     c_out,
                     cfg.layers_per_block + 1,
                     g,
+                    lean,
                     vbb.pp("resnets"),
                 )?,
                 up: (i + 1 < rev.len())
-                    .then(|| conv(c_out, c_out, 3, 1, 1, vbb.pp("upsamplers.0.conv")))
+                    .then(|| conv3(c_out, c_out, lean, vbb.pp("upsamplers.0.conv")))
                     .transpose()?,
             });
             c_prev = c_out;
         }
         let bottom = cfg.block_out_channels[0];
         Ok(Self {
-            conv_in: conv(cfg.latent_channels, rev[0], 3, 1, 1, vb.pp("conv_in"))?,
-            mid: MidBlock::new(rev[0], g, cfg.mid_block_add_attention, vb.pp("mid_block"))?,
+            conv_in: conv3(cfg.latent_channels, rev[0], lean, vb.pp("conv_in"))?,
+            mid: MidBlock::new(
+                rev[0],
+                g,
+                cfg.mid_block_add_attention,
+                lean,
+                vb.pp("mid_block"),
+            )?,
             up,
-            norm_out: candle_nn::group_norm(g, bottom, RESNET_EPS, vb.pp("conv_norm_out"))?,
-            conv_out: conv(bottom, cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            norm_out: norm(g, bottom, lean, vb.pp("conv_norm_out"))?,
+            conv_out: conv3(bottom, cfg.out_channels, lean, vb.pp("conv_out"))?,
         })
     }
 }
@@ -319,12 +373,10 @@ impl Module for Decoder {
                 h = r.forward(&h)?;
             }
             if let Some(u) = &b.up {
-                let (_, _, hh, ww) = h.dims4()?;
-                h = u.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
+                h = u.forward_up2(&h)?;
             }
         }
-        self.conv_out
-            .forward(&candle_nn::ops::silu(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 
@@ -341,7 +393,17 @@ pub struct AutoencoderKLFlux2 {
 }
 
 impl AutoencoderKLFlux2 {
+    /// With the default [`LeanBudget`]: bounded conv and GroupNorm transients.
     pub fn new(cfg: &AutoencoderKLFlux2Config, vb: VarBuilder) -> Result<Self> {
+        Self::with_budget(cfg, vb, LeanBudget::DEFAULT)
+    }
+
+    /// `LeanBudget::PLAIN` runs candle's unbanded ops (the same values, more memory).
+    pub fn with_budget(
+        cfg: &AutoencoderKLFlux2Config,
+        vb: VarBuilder,
+        lean: LeanBudget,
+    ) -> Result<Self> {
         if cfg.block_out_channels.is_empty() {
             candle_core::bail!("vae config: block_out_channels is empty");
         }
@@ -360,15 +422,15 @@ impl AutoencoderKLFlux2 {
         let var = bn.get(c, "running_var")?.to_dtype(DType::F32)?;
         let std = (var + cfg.batch_norm_eps)?.sqrt()?;
         Ok(Self {
-            encoder: Encoder::new(cfg, vb.pp("encoder"))?,
-            decoder: Decoder::new(cfg, vb.pp("decoder"))?,
+            encoder: Encoder::new(cfg, lean, vb.pp("encoder"))?,
+            decoder: Decoder::new(cfg, lean, vb.pp("decoder"))?,
             quant_conv: cfg
                 .use_quant_conv
-                .then(|| conv(2 * lc, 2 * lc, 1, 1, 0, vb.pp("quant_conv")))
+                .then(|| conv1x1(2 * lc, 2 * lc, vb.pp("quant_conv")))
                 .transpose()?,
             post_quant_conv: cfg
                 .use_post_quant_conv
-                .then(|| conv(lc, lc, 1, 1, 0, vb.pp("post_quant_conv")))
+                .then(|| conv1x1(lc, lc, vb.pp("post_quant_conv")))
                 .transpose()?,
             bn_mean: mean.reshape((1, c, 1, 1))?,
             bn_std: std.reshape((1, c, 1, 1))?,

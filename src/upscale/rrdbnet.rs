@@ -6,6 +6,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
+use crate::nn::conv::lean_conv2d;
+use crate::nn::{LeanBudget, LeanConv2d, Pad};
+
 /// Hyper-parameters of `RRDBNet(num_in_ch, num_out_ch, scale, num_feat, num_block, num_grow_ch)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RrdbConfig {
@@ -54,6 +57,12 @@ pub(crate) fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv2
         ..Default::default()
     };
     candle_nn::conv2d(in_c, out_c, 3, cfg, vb)
+}
+
+/// The convs after the trunk run at 2× and 4× resolution (a 1024² image upscaled untiled needs
+/// a 19 GB im2col per conv on CUDA), so they run in bands, the upsamples fused.
+fn hr_conv3x3(in_c: usize, out_c: usize, lean: LeanBudget, vb: VarBuilder) -> Result<LeanConv2d> {
+    lean_conv2d(in_c, out_c, 3, 1, Pad::uniform(1), lean.im2col_bytes, vb)
 }
 
 fn lrelu(x: &Tensor) -> Result<Tensor> {
@@ -123,14 +132,20 @@ pub struct RrdbNet {
     conv_first: Conv2d,
     body: Vec<Rrdb>,
     conv_body: Conv2d,
-    conv_up1: Conv2d,
-    conv_up2: Conv2d,
-    conv_hr: Conv2d,
-    conv_last: Conv2d,
+    conv_up1: LeanConv2d,
+    conv_up2: LeanConv2d,
+    conv_hr: LeanConv2d,
+    conv_last: LeanConv2d,
 }
 
 impl RrdbNet {
+    /// With the default [`LeanBudget`] for the high-resolution convs.
     pub fn new(cfg: &RrdbConfig, vb: VarBuilder) -> Result<Self> {
+        Self::with_budget(cfg, vb, LeanBudget::DEFAULT)
+    }
+
+    /// `LeanBudget::PLAIN` runs candle's plain upsample + conv (same values, more memory).
+    pub fn with_budget(cfg: &RrdbConfig, vb: VarBuilder, lean: LeanBudget) -> Result<Self> {
         let u = cfg.unshuffle();
         let nf = cfg.num_feat;
         let conv_first = conv3x3(cfg.num_in_ch * u * u, nf, vb.pp("conv_first"))?;
@@ -142,21 +157,16 @@ impl RrdbNet {
             conv_first,
             body,
             conv_body: conv3x3(nf, nf, vb.pp("conv_body"))?,
-            conv_up1: conv3x3(nf, nf, vb.pp("conv_up1"))?,
-            conv_up2: conv3x3(nf, nf, vb.pp("conv_up2"))?,
-            conv_hr: conv3x3(nf, nf, vb.pp("conv_hr"))?,
-            conv_last: conv3x3(nf, cfg.num_out_ch, vb.pp("conv_last"))?,
+            conv_up1: hr_conv3x3(nf, nf, lean, vb.pp("conv_up1"))?,
+            conv_up2: hr_conv3x3(nf, nf, lean, vb.pp("conv_up2"))?,
+            conv_hr: hr_conv3x3(nf, nf, lean, vb.pp("conv_hr"))?,
+            conv_last: hr_conv3x3(nf, cfg.num_out_ch, lean, vb.pp("conv_last"))?,
         })
     }
 
     pub fn config(&self) -> &RrdbConfig {
         &self.cfg
     }
-}
-
-fn up2(x: &Tensor) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    x.upsample_nearest2d(2 * h, 2 * w)
 }
 
 impl Module for RrdbNet {
@@ -167,15 +177,17 @@ impl Module for RrdbNet {
         } else {
             x.clone()
         };
-        let feat = self.conv_first.forward(&x)?;
-        let mut body = feat.clone();
+        let first = self.conv_first.forward(&x)?;
+        let mut body = first.clone();
         for block in &self.body {
             body = block.forward(&body)?;
         }
-        let feat = (feat + self.conv_body.forward(&body)?)?;
-        let feat = lrelu(&self.conv_up1.forward(&up2(&feat)?)?)?;
-        let feat = lrelu(&self.conv_up2.forward(&up2(&feat)?)?)?;
-        self.conv_last
-            .forward(&lrelu(&self.conv_hr.forward(&feat)?)?)
+        // Reassigning frees each full-resolution intermediate once the next exists.
+        let mut feat = (first + self.conv_body.forward(&body)?)?;
+        drop(body);
+        feat = lrelu(&self.conv_up1.forward_up2(&feat)?)?;
+        feat = lrelu(&self.conv_up2.forward_up2(&feat)?)?;
+        feat = lrelu(&self.conv_hr.forward(&feat)?)?;
+        self.conv_last.forward(&feat)
     }
 }

@@ -1,0 +1,385 @@
+//! Conv2d in horizontal bands of output rows, optionally fused with a nearest 2× upsample.
+//!
+//! Each band slices only the input rows it reads (plus the kernel's halo), pads them explicitly
+//! where the band touches the image border, and runs candle's unpadded conv on that slice: every
+//! output element sees exactly the inputs and zeros it would in the unbanded conv. Bands are
+//! written into one preallocated output with `slice_set`, so no band list and concatenated copy
+//! coexist.
+
+use candle_core::{DType, Result, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+/// Zero padding per side (the encoder's downsamplers pad only bottom and right).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pad {
+    pub top: usize,
+    pub bottom: usize,
+    pub left: usize,
+    pub right: usize,
+}
+
+impl Pad {
+    pub fn uniform(p: usize) -> Self {
+        Self {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        }
+    }
+
+    fn as_uniform(&self) -> Option<usize> {
+        (self.top == self.bottom && self.left == self.right && self.top == self.left)
+            .then_some(self.top)
+    }
+}
+
+/// A conv2d (square kernel, dilation 1, one group, optional bias) whose im2col is bounded.
+#[derive(Debug, Clone)]
+pub struct LeanConv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    pad: Pad,
+    im2col_bytes: usize,
+}
+
+/// Loads `weight` and `bias` exactly as `candle_nn::conv2d` does (same names, shapes, init).
+pub fn lean_conv2d(
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+    pad: Pad,
+    im2col_bytes: usize,
+    vb: VarBuilder,
+) -> Result<LeanConv2d> {
+    let cfg = Conv2dConfig {
+        stride,
+        ..Default::default()
+    };
+    let c = candle_nn::conv2d(c_in, c_out, k, cfg, vb)?;
+    LeanConv2d::new(
+        c.weight().clone(),
+        c.bias().cloned(),
+        stride,
+        pad,
+        im2col_bytes,
+    )
+}
+
+impl LeanConv2d {
+    pub fn new(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        pad: Pad,
+        im2col_bytes: usize,
+    ) -> Result<Self> {
+        let (_, _, kh, kw) = weight.dims4()?;
+        if kh != kw || stride == 0 {
+            candle_core::bail!("LeanConv2d: square kernels and stride ≥ 1 only ({kh}×{kw})");
+        }
+        if [pad.top, pad.bottom, pad.left, pad.right]
+            .iter()
+            .any(|&p| p >= kh)
+        {
+            // A band could then lie entirely in the padding.
+            candle_core::bail!("LeanConv2d: padding {pad:?} must be smaller than the kernel {kh}");
+        }
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            pad,
+            im2col_bytes,
+        })
+    }
+
+    /// The same layer with another im2col budget (`usize::MAX`: candle's plain conv).
+    pub fn with_budget(mut self, im2col_bytes: usize) -> Self {
+        self.im2col_bytes = im2col_bytes;
+        self
+    }
+
+    fn k(&self) -> usize {
+        self.weight.dims()[2]
+    }
+
+    /// The conv of `x` [B, C_in, H, W].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        self.run(x, h, w, false)
+    }
+
+    /// The conv of `x` upsampled 2× (nearest), without materialising the upsampled tensor.
+    pub fn forward_up2(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        self.run(x, 2 * h, 2 * w, true)
+    }
+
+    /// Output rows per band so one band's im2col stays within budget (at least one row).
+    fn band_rows(&self, x: &Tensor, h_out: usize, w_out: usize) -> Result<usize> {
+        let (b, c_in, _, _) = x.dims4()?;
+        let k = self.k();
+        let row_bytes = b * w_out * k * k * c_in * x.dtype().size_in_bytes();
+        Ok((self.im2col_bytes / row_bytes.max(1)).clamp(1, h_out.max(1)))
+    }
+
+    /// `h`, `w`: the (virtual, if `up2`) input size the conv sees.
+    fn run(&self, x: &Tensor, h: usize, w: usize, up2: bool) -> Result<Tensor> {
+        let (k, s, p) = (self.k(), self.stride, self.pad);
+        let (hp, wp) = (p.top + h + p.bottom, p.left + w + p.right);
+        if hp < k || wp < k {
+            candle_core::bail!("LeanConv2d: input {h}×{w} smaller than the kernel {k}");
+        }
+        let (h_out, w_out) = ((hp - k) / s + 1, (wp - k) / s + 1);
+        let rows = self.band_rows(x, h_out, w_out)?;
+        if rows >= h_out {
+            let x = if up2 {
+                x.upsample_nearest2d(h, w)?
+            } else {
+                x.clone()
+            };
+            return self.plain(&x);
+        }
+        let (b, _, _, _) = x.dims4()?;
+        let c_out = self.weight.dims()[0];
+        let out = Tensor::zeros((b, c_out, h_out, w_out), x.dtype(), x.device())?;
+        for r0 in (0..h_out).step_by(rows) {
+            let r1 = (r0 + rows).min(h_out);
+            // Padded-input rows [lo, hi) feed output rows [r0, r1); shift to unpadded rows.
+            let lo = (r0 * s) as isize - p.top as isize;
+            let hi = ((r1 - 1) * s + k) as isize - p.top as isize;
+            let (src_lo, src_hi) = (lo.max(0) as usize, hi.min(h as isize) as usize);
+            let band = if up2 {
+                up2_rows(x, src_lo, src_hi)?
+            } else {
+                x.narrow(2, src_lo, src_hi - src_lo)?
+            };
+            let band = band.pad_with_zeros(3, p.left, p.right)?.pad_with_zeros(
+                2,
+                (src_lo as isize - lo) as usize,
+                (hi - src_hi as isize) as usize,
+            )?;
+            let y = self.add_bias(band.conv2d(&self.weight, 0, s, 1, 1)?)?;
+            out.slice_set(&y, 2, r0)?;
+        }
+        Ok(out)
+    }
+
+    /// candle_nn's `Conv2d::forward`, with explicit padding first when it is not uniform.
+    fn plain(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match self.pad.as_uniform() {
+            Some(p) => x.conv2d(&self.weight, p, self.stride, 1, 1)?,
+            None => x
+                .pad_with_zeros(3, self.pad.left, self.pad.right)?
+                .pad_with_zeros(2, self.pad.top, self.pad.bottom)?
+                .conv2d(&self.weight, 0, self.stride, 1, 1)?,
+        };
+        self.add_bias(y)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, bias.dims1()?, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Rows [lo, hi) of `x` upsampled 2× (nearest), from the half-resolution rows they repeat.
+fn up2_rows(x: &Tensor, lo: usize, hi: usize) -> Result<Tensor> {
+    let (_, _, _, w) = x.dims4()?;
+    let (slo, shi) = (lo / 2, (hi - 1) / 2 + 1);
+    x.narrow(2, slo, shi - slo)?
+        .upsample_nearest2d(2 * (shi - slo), 2 * w)?
+        .narrow(2, lo - 2 * slo, hi - lo)
+}
+
+/// Bytes of the im2col buffer candle's CUDA conv2d would allocate for this conv unbanded
+/// (`B·H_out·W_out × k²·C_in` elements): for computed GPU estimates.
+pub fn im2col_bytes(
+    b: usize,
+    c_in: usize,
+    h_out: usize,
+    w_out: usize,
+    k: usize,
+    dtype: DType,
+) -> usize {
+    b * h_out * w_out * k * k * c_in * dtype.size_in_bytes()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Deterministic values in [−1, 1) (candle's CPU rng cannot be seeded).
+    pub(crate) fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::F32)?
+            .to_scalar()
+    }
+
+    /// Budget giving `rows` output rows per band for this input.
+    fn budget_for_rows(x: &Tensor, c_in: usize, k: usize, w_out: usize, rows: usize) -> usize {
+        let (b, _, _, _) = x.dims4().unwrap();
+        rows * b * w_out * k * k * c_in * 4
+    }
+
+    struct Case {
+        k: usize,
+        stride: usize,
+        pad: Pad,
+        h: usize,
+        w: usize,
+    }
+
+    fn cases() -> Vec<Case> {
+        let asym = Pad {
+            top: 0,
+            bottom: 1,
+            left: 0,
+            right: 1,
+        };
+        vec![
+            Case {
+                k: 3,
+                stride: 1,
+                pad: Pad::uniform(1),
+                h: 13,
+                w: 11,
+            },
+            Case {
+                k: 3,
+                stride: 2,
+                pad: Pad::uniform(1),
+                h: 13,
+                w: 11,
+            },
+            Case {
+                k: 3,
+                stride: 2,
+                pad: asym,
+                h: 14,
+                w: 10,
+            },
+            Case {
+                k: 3,
+                stride: 2,
+                pad: asym,
+                h: 13,
+                w: 9,
+            },
+            Case {
+                k: 3,
+                stride: 1,
+                pad: Pad::uniform(0),
+                h: 9,
+                w: 7,
+            },
+            Case {
+                k: 1,
+                stride: 1,
+                pad: Pad::uniform(0),
+                h: 13,
+                w: 11,
+            },
+            Case {
+                k: 1,
+                stride: 2,
+                pad: Pad::uniform(0),
+                h: 13,
+                w: 11,
+            },
+        ]
+    }
+
+    /// Every band size from one row to the whole image minus one (so uneven last bands too),
+    /// batch 2, against candle's conv2d on the explicitly padded input.
+    #[test]
+    fn banded_conv_equals_candle_conv2d() -> Result<()> {
+        let (c_in, c_out) = (5, 6);
+        let (mut worst, mut exact, mut total) = (0f32, 0, 0);
+        for (i, c) in cases().into_iter().enumerate() {
+            let x = randn(&[2, c_in, c.h, c.w], i as u64)?;
+            let wgt = randn(&[c_out, c_in, c.k, c.k], 100 + i as u64)?;
+            let bias = randn(&[c_out], 200 + i as u64)?;
+            let want = x
+                .pad_with_zeros(3, c.pad.left, c.pad.right)?
+                .pad_with_zeros(2, c.pad.top, c.pad.bottom)?
+                .conv2d(&wgt, 0, c.stride, 1, 1)?
+                .broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?;
+            let (_, _, h_out, w_out) = want.dims4()?;
+            let conv = LeanConv2d::new(wgt, Some(bias), c.stride, c.pad, usize::MAX)?;
+            assert_eq!(max_diff(&conv.forward(&x)?, &want)?, 0.0, "plain, case {i}");
+            for rows in 1..h_out {
+                let budget = budget_for_rows(&x, c_in, c.k, w_out, rows);
+                let lean = conv.clone().with_budget(budget);
+                assert_eq!(lean.band_rows(&x, h_out, w_out)?, rows);
+                let d = max_diff(&lean.forward(&x)?, &want)?;
+                assert!(d <= 1e-6, "case {i}, {rows} rows/band: max |Δ| {d}");
+                worst = worst.max(d);
+                exact += usize::from(d == 0.0);
+                total += 1;
+            }
+        }
+        // Reported rather than required: a band's GEMM may block its reduction differently from
+        // the whole image's, which moves the last bit of some f32 sums.
+        eprintln!("banded conv: {exact}/{total} band sizes bitwise equal, worst max |Δ| {worst:e}");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_upsample_conv_equals_upsample_then_conv() -> Result<()> {
+        let (c_in, c_out) = (4, 3);
+        for (i, (k, h, w)) in [(3, 7, 5), (3, 6, 9), (1, 5, 4)].into_iter().enumerate() {
+            let pad = Pad::uniform(k / 2);
+            let x = randn(&[2, c_in, h, w], 10 + i as u64)?;
+            let wgt = randn(&[c_out, c_in, k, k], 20 + i as u64)?;
+            let bias = randn(&[c_out], 30 + i as u64)?;
+            let want = candle_nn::Conv2d::new(
+                wgt.clone(),
+                Some(bias.clone()),
+                Conv2dConfig {
+                    padding: k / 2,
+                    ..Default::default()
+                },
+            );
+            let want = candle_nn::Module::forward(&want, &x.upsample_nearest2d(2 * h, 2 * w)?)?;
+            let conv = LeanConv2d::new(wgt, Some(bias), 1, pad, usize::MAX)?;
+            assert_eq!(max_diff(&conv.forward_up2(&x)?, &want)?, 0.0);
+            for rows in 1..2 * h {
+                let budget = budget_for_rows(&x, c_in, k, 2 * w, rows);
+                let d = max_diff(&conv.clone().with_budget(budget).forward_up2(&x)?, &want)?;
+                assert!(d <= 1e-6, "case {i}, {rows} rows/band: max |Δ| {d}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_padding_as_large_as_the_kernel() {
+        let w = Tensor::zeros((2, 2, 1, 1), DType::F32, &Device::Cpu).unwrap();
+        assert!(LeanConv2d::new(w, None, 1, Pad::uniform(1), 0).is_err());
+    }
+}

@@ -1,0 +1,191 @@
+//! GroupNorm (optionally fused with SiLU) computed a few groups at a time.
+//!
+//! candle_nn's GroupNorm casts the whole input to f32 and keeps its centred copy, the
+//! normalised copy and the affine results alive together: ~3.2 GB of transients on a
+//! `[1, 256, 1024, 1024]` bf16 tensor. Here the same op sequence runs per chunk of groups
+//! (statistics never cross groups), each chunk written into one preallocated output, so the f32
+//! temporaries are bounded by the chunk budget.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+#[derive(Debug, Clone)]
+pub struct LeanGroupNorm {
+    plain: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    norm_bytes: usize,
+}
+
+/// Loads `weight` and `bias` exactly as `candle_nn::group_norm` does.
+pub fn lean_group_norm(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    norm_bytes: usize,
+    vb: VarBuilder,
+) -> Result<LeanGroupNorm> {
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    LeanGroupNorm::new(weight, bias, groups, eps, norm_bytes)
+}
+
+impl LeanGroupNorm {
+    pub fn new(
+        weight: Tensor,
+        bias: Tensor,
+        groups: usize,
+        eps: f64,
+        norm_bytes: usize,
+    ) -> Result<Self> {
+        let channels = weight.dims1()?;
+        Ok(Self {
+            plain: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
+            weight,
+            bias,
+            groups,
+            channels,
+            eps,
+            norm_bytes,
+        })
+    }
+
+    /// The same layer with another chunk budget (`usize::MAX`: candle_nn's GroupNorm).
+    pub fn with_budget(mut self, norm_bytes: usize) -> Self {
+        self.norm_bytes = norm_bytes;
+        self
+    }
+
+    /// GroupNorm of `x` [B, C, ...].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, false)
+    }
+
+    /// SiLU(GroupNorm(x)), as the VAE's resnets and output heads use it.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true)
+    }
+
+    /// Groups per chunk so a chunk's f32 copy stays within budget (at least one group).
+    fn chunk_groups(&self, x: &Tensor) -> usize {
+        let per_group = x.elem_count() / self.groups * DType::F32.size_in_bytes();
+        (self.norm_bytes / per_group.max(1)).clamp(1, self.groups)
+    }
+
+    fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let dims = x.dims();
+        if dims.len() < 3 || dims[1] != self.channels {
+            candle_core::bail!(
+                "LeanGroupNorm: expected [B, {}, ...], got {dims:?}",
+                self.channels
+            );
+        }
+        let gc = self.chunk_groups(x);
+        if gc >= self.groups {
+            let y = self.plain.forward(x)?;
+            return if silu { y.silu() } else { Ok(y) };
+        }
+        let b = dims[0];
+        let hidden = x.elem_count() / (b * self.groups);
+        let cpg = self.channels / self.groups;
+        let spatial = hidden / cpg;
+        let xg = x.reshape((b, self.groups, hidden))?;
+        let out = Tensor::zeros((b, self.groups, hidden), x.dtype(), x.device())?;
+        for g0 in (0..self.groups).step_by(gc) {
+            let n = gc.min(self.groups - g0);
+            let y = self.chunk(&xg.narrow(1, g0, n)?.contiguous()?, g0 * cpg, spatial)?;
+            let y = if silu { y.silu()? } else { y };
+            out.slice_set(&y.reshape((b, n, hidden))?, 1, g0)?;
+        }
+        out.reshape(dims)
+    }
+
+    /// candle_nn's GroupNorm op for op on `xc` [B, n, hidden] (groups starting at channel `c0`),
+    /// so the result is the same to the bit.
+    fn chunk(&self, xc: &Tensor, c0: usize, spatial: usize) -> Result<Tensor> {
+        let (b, n, hidden) = xc.dims3()?;
+        let x_dtype = xc.dtype();
+        let internal = match x_dtype {
+            DType::F16 | DType::BF16 => DType::F32,
+            d => d,
+        };
+        let x = xc.to_dtype(internal)?;
+        let mean_x = (x.sum_keepdim(2)? / hidden as f64)?;
+        let x = x.broadcast_sub(&mean_x)?;
+        let norm_x = (x.sqr()?.sum_keepdim(2)? / hidden as f64)?;
+        let x_normed = x.broadcast_div(&(norm_x + self.eps)?.sqrt()?)?;
+        drop(x);
+        let c = n * hidden / spatial;
+        let w = self.weight.narrow(0, c0, c)?.reshape((1, c, 1))?;
+        let bias = self.bias.narrow(0, c0, c)?.reshape((1, c, 1))?;
+        x_normed
+            .to_dtype(x_dtype)?
+            .reshape((b, c, spatial))?
+            .broadcast_mul(&w)?
+            .broadcast_add(&bias)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        assert_eq!(a.dims(), b.dims());
+        (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar()
+    }
+
+    /// Every chunk size (1 group to all but one, uneven last chunks included), with and without
+    /// SiLU, f32 and bf16, batch 2, against candle_nn's GroupNorm (+ silu).
+    #[test]
+    fn chunked_group_norm_equals_candle_group_norm() -> Result<()> {
+        let randn = crate::nn::conv::tests::randn;
+        let (groups, channels) = (6, 12);
+        for dtype in [DType::F32, DType::BF16] {
+            let x = ((randn(&[2, channels, 5, 7], 1)? * 2.0)? + 0.5)?.to_dtype(dtype)?;
+            let w = randn(&[channels], 2)?.to_dtype(dtype)?;
+            let b = randn(&[channels], 3)?.to_dtype(dtype)?;
+            let reference =
+                candle_nn::GroupNorm::new(w.clone(), b.clone(), channels, groups, 1e-6)?;
+            let want = reference.forward(&x)?;
+            let want_silu = want.silu()?;
+            let gn = LeanGroupNorm::new(w, b, groups, 1e-6, usize::MAX)?;
+            assert_eq!(max_diff(&gn.forward(&x)?, &want)?, 0.0);
+            let group_bytes = x.elem_count() / groups * 4;
+            for gc in 1..groups {
+                let lean = gn.clone().with_budget(gc * group_bytes);
+                assert_eq!(lean.chunk_groups(&x), gc);
+                let d = max_diff(&lean.forward(&x)?, &want)?;
+                let ds = max_diff(&lean.forward_silu(&x)?, &want_silu)?;
+                // Same ops on the same group data: identical, not merely close.
+                assert_eq!((d, ds), (0.0, 0.0), "{dtype:?}, {gc} groups/chunk");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_wrong_channel_count() -> Result<()> {
+        let dev = Device::Cpu;
+        let gn = LeanGroupNorm::new(
+            Tensor::ones(4, DType::F32, &dev)?,
+            Tensor::zeros(4, DType::F32, &dev)?,
+            2,
+            1e-6,
+            0,
+        )?;
+        assert!(
+            gn.forward(&Tensor::zeros((1, 6, 2, 2), DType::F32, &dev)?)
+                .is_err()
+        );
+        Ok(())
+    }
+}
