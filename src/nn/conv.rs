@@ -42,6 +42,8 @@ pub struct LeanConv2d {
     stride: usize,
     pad: Pad,
     im2col_bytes: usize,
+    /// Applied per band, so the pre-activation output never exists at full size.
+    leaky_relu: Option<f64>,
 }
 
 /// Loads `weight` and `bias` exactly as `candle_nn::conv2d` does (same names, shapes, init).
@@ -93,7 +95,14 @@ impl LeanConv2d {
             stride,
             pad,
             im2col_bytes,
+            leaky_relu: None,
         })
+    }
+
+    /// Follows the conv with a leaky ReLU of `slope` (in [0, 1]).
+    pub fn with_leaky_relu(mut self, slope: f64) -> Self {
+        self.leaky_relu = Some(slope);
+        self
     }
 
     /// The same layer with another im2col budget (`usize::MAX`: candle's plain conv).
@@ -163,12 +172,17 @@ impl LeanConv2d {
                 (hi - src_hi as isize) as usize,
             )?;
             let y = self.add_bias(band.conv2d(&self.weight, 0, s, 1, 1)?)?;
+            let y = match self.leaky_relu {
+                Some(slope) => leaky_relu_lean(&y, slope)?,
+                None => y,
+            };
             out.slice_set(&y, 2, r0)?;
         }
         Ok(out)
     }
 
-    /// candle_nn's `Conv2d::forward`, with explicit padding first when it is not uniform.
+    /// candle_nn's `Conv2d::forward` (explicitly padded first when the padding is not uniform)
+    /// and `candle_nn::ops::leaky_relu`.
     fn plain(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self.pad.as_uniform() {
             Some(p) => x.conv2d(&self.weight, p, self.stride, 1, 1)?,
@@ -177,7 +191,11 @@ impl LeanConv2d {
                 .pad_with_zeros(2, self.pad.top, self.pad.bottom)?
                 .conv2d(&self.weight, 0, self.stride, 1, 1)?,
         };
-        self.add_bias(y)
+        let y = self.add_bias(y)?;
+        match self.leaky_relu {
+            Some(slope) => candle_nn::ops::leaky_relu(&y, slope),
+            None => Ok(y),
+        }
     }
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
@@ -186,6 +204,13 @@ impl LeanConv2d {
             None => Ok(y),
         }
     }
+}
+
+/// `max(x, slope·x)`: for slope in [0, 1] the same values as candle_nn's
+/// `max(x, 0) + min(x, 0)·slope` (x ≥ 0: x + 0; x < 0: 0 + slope·x, both exact), with one
+/// temporary instead of five.
+pub fn leaky_relu_lean(x: &Tensor, slope: f64) -> Result<Tensor> {
+    x.maximum(&(x * slope)?)
 }
 
 /// Rows [lo, hi) of `x` upsampled 2× (nearest), from the half-resolution rows they repeat.
@@ -373,6 +398,50 @@ pub(crate) mod tests {
                 let d = max_diff(&conv.clone().with_budget(budget).forward_up2(&x)?, &want)?;
                 assert!(d <= 1e-6, "case {i}, {rows} rows/band: max |Δ| {d}");
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn lean_leaky_relu_is_bitwise_candles() -> Result<()> {
+        let x = (randn(&[3, 1000], 5)? * 10.0)?;
+        let x = Tensor::cat(&[x, Tensor::zeros((3, 1), DType::F32, &Device::Cpu)?], 1)?;
+        for dtype in [DType::F32, DType::BF16] {
+            let x = x.to_dtype(dtype)?;
+            let (a, b) = (
+                leaky_relu_lean(&x, 0.2)?.to_dtype(DType::F32)?,
+                candle_nn::ops::leaky_relu(&x, 0.2)?.to_dtype(DType::F32)?,
+            );
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                Ok(t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect())
+            };
+            assert_eq!(bits(&a)?, bits(&b)?, "{dtype:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn banded_conv_with_leaky_relu_equals_conv_then_leaky_relu() -> Result<()> {
+        let x = randn(&[1, 4, 9, 6], 40)?;
+        let wgt = randn(&[5, 4, 3, 3], 41)?;
+        let bias = randn(&[5], 42)?;
+        let bare = LeanConv2d::new(wgt, Some(bias), 1, Pad::uniform(1), usize::MAX)?;
+        let lrelu = |t: Tensor| candle_nn::ops::leaky_relu(&t, 0.2);
+        let (want, want_up) = (lrelu(bare.forward(&x)?)?, lrelu(bare.forward_up2(&x)?)?);
+        let conv = bare.with_leaky_relu(0.2);
+        assert_eq!(max_diff(&conv.forward(&x)?, &want)?, 0.0, "plain");
+        for rows in 1..9 {
+            let lean = conv.clone().with_budget(budget_for_rows(&x, 4, 3, 6, rows));
+            let d = max_diff(&lean.forward(&x)?, &want)?;
+            let d_up = max_diff(&lean.forward_up2(&x)?, &want_up)?;
+            assert!(
+                d.max(d_up) <= 1e-6,
+                "{rows} rows/band: max |Δ| {d}, up2 {d_up}"
+            );
         }
         Ok(())
     }

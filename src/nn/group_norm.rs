@@ -112,12 +112,16 @@ impl LeanGroupNorm {
             DType::F16 | DType::BF16 => DType::F32,
             d => d,
         };
-        let x = xc.to_dtype(internal)?;
-        let mean_x = (x.sum_keepdim(2)? / hidden as f64)?;
-        let x = x.broadcast_sub(&mean_x)?;
-        let norm_x = (x.sqr()?.sum_keepdim(2)? / hidden as f64)?;
-        let x_normed = x.broadcast_div(&(norm_x + self.eps)?.sqrt()?)?;
-        drop(x);
+        // Scoped so the f32 copy and the centred values are freed as soon as they are used.
+        let x_normed = {
+            let x = {
+                let x = xc.to_dtype(internal)?;
+                let mean_x = (x.sum_keepdim(2)? / hidden as f64)?;
+                x.broadcast_sub(&mean_x)?
+            };
+            let norm_x = (x.sqr()?.sum_keepdim(2)? / hidden as f64)?;
+            x.broadcast_div(&(norm_x + self.eps)?.sqrt()?)?
+        };
         let c = n * hidden / spatial;
         let w = self.weight.narrow(0, c0, c)?.reshape((1, c, 1))?;
         let bias = self.bias.narrow(0, c0, c)?.reshape((1, c, 1))?;

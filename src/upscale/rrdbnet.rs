@@ -60,13 +60,25 @@ pub(crate) fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv2
 }
 
 /// The convs after the trunk run at 2× and 4× resolution (a 1024² image upscaled untiled needs
-/// a 19 GB im2col per conv on CUDA), so they run in bands, the upsamples fused.
+/// a 19 GB im2col per conv on CUDA), so they run in bands, the upsamples and the leaky ReLUs
+/// fused.
 fn hr_conv3x3(in_c: usize, out_c: usize, lean: LeanBudget, vb: VarBuilder) -> Result<LeanConv2d> {
     lean_conv2d(in_c, out_c, 3, 1, Pad::uniform(1), lean.im2col_bytes, vb)
 }
 
+fn hr_conv3x3_lrelu(
+    in_c: usize,
+    out_c: usize,
+    lean: LeanBudget,
+    vb: VarBuilder,
+) -> Result<LeanConv2d> {
+    Ok(hr_conv3x3(in_c, out_c, lean, vb)?.with_leaky_relu(LRELU_SLOPE))
+}
+
+const LRELU_SLOPE: f64 = 0.2;
+
 fn lrelu(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::leaky_relu(x, 0.2)
+    candle_nn::ops::leaky_relu(x, LRELU_SLOPE)
 }
 
 #[derive(Debug, Clone)]
@@ -157,9 +169,9 @@ impl RrdbNet {
             conv_first,
             body,
             conv_body: conv3x3(nf, nf, vb.pp("conv_body"))?,
-            conv_up1: hr_conv3x3(nf, nf, lean, vb.pp("conv_up1"))?,
-            conv_up2: hr_conv3x3(nf, nf, lean, vb.pp("conv_up2"))?,
-            conv_hr: hr_conv3x3(nf, nf, lean, vb.pp("conv_hr"))?,
+            conv_up1: hr_conv3x3_lrelu(nf, nf, lean, vb.pp("conv_up1"))?,
+            conv_up2: hr_conv3x3_lrelu(nf, nf, lean, vb.pp("conv_up2"))?,
+            conv_hr: hr_conv3x3_lrelu(nf, nf, lean, vb.pp("conv_hr"))?,
             conv_last: hr_conv3x3(nf, cfg.num_out_ch, lean, vb.pp("conv_last"))?,
         })
     }
@@ -182,12 +194,21 @@ impl Module for RrdbNet {
         for block in &self.body {
             body = block.forward(&body)?;
         }
-        // Reassigning frees each full-resolution intermediate once the next exists.
-        let mut feat = (first + self.conv_body.forward(&body)?)?;
+        let feat = (first + self.conv_body.forward(&body)?)?;
         drop(body);
-        feat = lrelu(&self.conv_up1.forward_up2(&feat)?)?;
-        feat = lrelu(&self.conv_up2.forward_up2(&feat)?)?;
-        feat = lrelu(&self.conv_hr.forward(&feat)?)?;
+        self.upsample_head(feat)
+    }
+}
+
+impl RrdbNet {
+    /// Trunk features `(1, num_feat, h, w)` → the ×4 output: two 2× nearest upsample + conv
+    /// steps, then `conv_hr` and `conv_last` at 4× resolution. Public for the memory bench.
+    pub fn upsample_head(&self, feat: Tensor) -> Result<Tensor> {
+        // Each conv applies its leaky ReLU; reassigning frees each full-resolution
+        // intermediate once the next exists.
+        let mut feat = self.conv_up1.forward_up2(&feat)?;
+        feat = self.conv_up2.forward_up2(&feat)?;
+        feat = self.conv_hr.forward(&feat)?;
         self.conv_last.forward(&feat)
     }
 }
