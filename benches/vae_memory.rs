@@ -81,6 +81,8 @@ fn main() {
         lean_budget.norm_bytes >> 20
     );
 
+    print_cuda_estimate(lean_budget);
+
     let cfg: AutoencoderKLFlux2Config = serde_json::from_value(serde_json::json!({})).unwrap();
     let w = random_weights(DType::F32, |vb| {
         AutoencoderKLFlux2::new(&cfg, vb).map(|_| ())
@@ -121,7 +123,7 @@ fn main() {
     ));
 
     println!(
-        "| case | plain peak MiB | lean peak MiB | lean/plain | plain s | lean s | lean/plain | max abs diff |"
+        "\n## Measured (CPU, f32, random weights)\n\n| case | plain peak MiB | lean peak MiB | lean/plain | plain s | lean s | lean/plain | max abs diff |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
@@ -135,6 +137,145 @@ fn main() {
             r.lean.1,
             r.lean.1 / r.plain.1,
             r.max_diff
+        );
+    }
+}
+
+/// COMPUTED, NOT MEASURED: a first-order model of the bytes candle's CUDA path allocates in
+/// bf16 on top of the weights, per op, for the FLUX.2 VAE. Plain = the code before the lean
+/// layers (im2col + GEMM + NCHW copy per conv, candle_nn GroupNorm, materialised upsample,
+/// shadowed intermediates kept alive); lean = `imagegen::nn` with `budget`. Counts full-size
+/// activations and the dominant transients; ignores the mid attention (at 1/8 resolution) and
+/// allocator rounding.
+struct CudaModel {
+    lean: bool,
+    budget: LeanBudget,
+}
+
+const BF16: usize = 2;
+
+fn t(c: usize, side: usize) -> usize {
+    c * side * side * BF16
+}
+
+impl CudaModel {
+    /// GroupNorm + SiLU of an `x`-byte tensor: peak extra bytes, output included.
+    fn gn_silu(&self, x: usize) -> usize {
+        if !self.lean || self.budget.norm_bytes >= 2 * x {
+            // f32 copy, centred and normalised (2x each), then bf16 normalised, scaled, shifted.
+            9 * x
+        } else {
+            // Output, plus a chunk's f32 copy, centred values and their squares.
+            x + 3 * self.budget.norm_bytes
+        }
+    }
+
+    /// k×k conv ci → co with output side `side` (input side `side·stride`, or `side/2` fused
+    /// upsampled): peak extra bytes, output included.
+    fn conv(&self, ci: usize, co: usize, k: usize, side: usize, stride: usize, up2: bool) -> usize {
+        let (x_conv, y) = (t(ci, side), t(co, side));
+        let col = x_conv * k * k; // im2col: one k²·ci column per output pixel
+        let row = col / side;
+        let rows = (self.budget.im2col_bytes / row).clamp(1, side);
+        if !self.lean || rows >= side {
+            // im2col, GEMM result and its NCHW copy; the materialised upsampled or padded input.
+            let input_copy = if up2 || stride == 2 {
+                t(ci, side * stride)
+            } else {
+                0
+            };
+            return col + 2 * y + input_copy;
+        }
+        // Output, plus per band: its padded input rows (and their half-resolution source
+        // upsampled), the im2col, the GEMM result and its NCHW copy.
+        let band_in = (rows * stride + k) * t(ci, side * stride) / (side * stride);
+        let band_out = rows * y / side;
+        y + band_in * (1 + usize::from(up2)) + rows * row + 2 * band_out
+    }
+
+    /// Resnet ci → co at `side`, input held by the caller: the peak over its ops.
+    fn resnet(&self, ci: usize, co: usize, side: usize) -> usize {
+        let (x, y) = (t(ci, side), t(co, side));
+        // Plain keeps GroupNorm's output and SiLU's output alive through the conv (temporaries
+        // of one expression) and conv1's output through conv2 (a shadowed binding).
+        let (n1, h1) = if self.lean { (x, 0) } else { (2 * x, y) };
+        let mut peaks = vec![
+            x + self.gn_silu(x),
+            x + n1 + self.conv(ci, co, 3, side, 1, false),
+            x + y + self.gn_silu(y),
+            x + h1 + y * if self.lean { 1 } else { 2 } + self.conv(co, co, 3, side, 1, false),
+        ];
+        if ci != co {
+            peaks.push(x + y + h1 + self.conv(ci, co, 1, side, 1, false));
+        }
+        peaks.into_iter().max().unwrap()
+    }
+
+    fn decoder(&self, n: usize) -> usize {
+        let rev = [512, 512, 256, 128];
+        let mut side = n / 8;
+        let mut peaks = vec![self.conv(32, 512, 3, side, 1, false)];
+        peaks.push(self.resnet(512, 512, side));
+        let mut c_prev = rev[0];
+        for (i, &c) in rev.iter().enumerate() {
+            peaks.push(self.resnet(c_prev, c, side));
+            peaks.push(self.resnet(c, c, side));
+            if i + 1 < rev.len() {
+                peaks.push(t(c, side) + self.conv(c, c, 3, 2 * side, 1, true));
+                side *= 2;
+            }
+            c_prev = c;
+        }
+        let x = t(128, n);
+        peaks.push(x + self.gn_silu(x));
+        peaks.push(x + if self.lean { x } else { 2 * x } + self.conv(128, 3, 3, n, 1, false));
+        peaks.into_iter().max().unwrap()
+    }
+
+    fn encoder(&self, n: usize) -> usize {
+        let ch = [128, 256, 512, 512];
+        let mut side = n;
+        let mut peaks = vec![t(3, n) + self.conv(3, 128, 3, n, 1, false)];
+        let mut c_in = ch[0];
+        for (i, &c) in ch.iter().enumerate() {
+            peaks.push(self.resnet(c_in, c, side));
+            peaks.push(self.resnet(c, c, side));
+            if i + 1 < ch.len() {
+                side /= 2;
+                peaks.push(t(c, 2 * side) + self.conv(c, c, 3, side, 2, false));
+            }
+            c_in = c;
+        }
+        peaks.into_iter().max().unwrap()
+    }
+}
+
+fn print_cuda_estimate(budget: LeanBudget) {
+    let gb = |b: usize| b as f64 / 1e9;
+    let plain = CudaModel {
+        lean: false,
+        budget,
+    };
+    let lean = CudaModel { lean: true, budget };
+    println!("## COMPUTED, NOT MEASURED: CUDA bf16 model (peak GB above the weights)\n");
+    println!("| case | plain GB | lean GB | lean/plain |");
+    println!("|---|---:|---:|---:|");
+    for n in [512, 1024, 1280] {
+        let (p, l) = (plain.decoder(n), lean.decoder(n));
+        println!(
+            "| VAE decode {n}² | {:.2} | {:.2} | {:.2} |",
+            gb(p),
+            gb(l),
+            l as f64 / p as f64
+        );
+    }
+    for n in [768, 1024] {
+        let (p, l) = (plain.encoder(n), lean.encoder(n));
+        println!(
+            "| VAE encode {n}² reference | {:.2} | {:.2} | {:.2} |",
+            gb(p),
+            gb(l),
+            l as f64 / p as f64
         );
     }
 }

@@ -161,22 +161,26 @@ impl LeanConv2d {
             let lo = (r0 * s) as isize - p.top as isize;
             let hi = ((r1 - 1) * s + k) as isize - p.top as isize;
             let (src_lo, src_hi) = (lo.max(0) as usize, hi.min(h as isize) as usize);
-            let band = if up2 {
-                up2_rows(x, src_lo, src_hi)?
-            } else {
-                x.narrow(2, src_lo, src_hi - src_lo)?
+            // Scoped so only the padded band outlives this statement.
+            let band = {
+                let src = if up2 {
+                    up2_rows(x, src_lo, src_hi)?
+                } else {
+                    x.narrow(2, src_lo, src_hi - src_lo)?
+                };
+                let (top, bottom) = (
+                    (src_lo as isize - lo) as usize,
+                    (hi - src_hi as isize) as usize,
+                );
+                src.pad_with_zeros(3, p.left, p.right)?
+                    .pad_with_zeros(2, top, bottom)?
             };
-            let band = band.pad_with_zeros(3, p.left, p.right)?.pad_with_zeros(
-                2,
-                (src_lo as isize - lo) as usize,
-                (hi - src_hi as isize) as usize,
-            )?;
             let y = self.add_bias(band.conv2d(&self.weight, 0, s, 1, 1)?)?;
-            let y = match self.leaky_relu {
-                Some(slope) => leaky_relu_lean(&y, slope)?,
-                None => y,
-            };
-            out.slice_set(&y, 2, r0)?;
+            drop(band);
+            match self.leaky_relu {
+                Some(slope) => out.slice_set(&leaky_relu_lean(&y, slope)?, 2, r0)?,
+                None => out.slice_set(&y, 2, r0)?,
+            }
         }
         Ok(out)
     }
