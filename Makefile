@@ -192,3 +192,9 @@ test-api: ## smoke-test a running server (BASE_URL, S3_PORT, TEST_API_SIZE); see
 .PHONY: check-vastai-readme
 check-vastai-readme: upscale-weights
 	scripts/check-vastai-readme.sh
+# --- lean-vae ---
+# Memory-lean VAE / upscaler convs (src/nn): heap peak and wall time, plain vs lean, on the CPU.
+VAE_MEMORY_SIZES ?= 256,512
+.PHONY: bench-vae-memory
+bench-vae-memory: ## VAE decode + x4plus head peak heap and time, plain vs lean (CPU f32, random weights)
+	VAE_MEMORY_SIZES=$(VAE_MEMORY_SIZES) $(CARGO) bench --bench vae_memory

@@ -4,7 +4,7 @@
 //! RANDOM WEIGHTS: the real architectures (FLUX.2 VAE: block_out_channels [128, 256, 512, 512],
 //! 2 layers per block, 32 groups, 32 latent channels; RealESRGAN_x4plus) with random values;
 //! memory and time do not depend on the values. `make bench-vae-memory`.
-//! `VAE_MEMORY_SIZES=256,512,1024` picks the decode sizes (default 256,512).
+//! `VAE_MEMORY_SIZES=256,512,1024` picks the decode sizes (default 256,512; empty: none).
 
 use std::time::Instant;
 
@@ -63,6 +63,7 @@ fn main() {
     let sizes: Vec<usize> = std::env::var("VAE_MEMORY_SIZES")
         .unwrap_or_else(|_| "256,512".into())
         .split(',')
+        .filter(|s| !s.trim().is_empty())
         .map(|s| {
             s.trim()
                 .parse()
@@ -187,10 +188,12 @@ impl CudaModel {
             return col + 2 * y + input_copy;
         }
         // Output, plus per band: its padded input rows (and their half-resolution source
-        // upsampled), the im2col, the GEMM result and its NCHW copy.
+        // upsampled; an unpadded 1×1 band is a view), the im2col, the GEMM result and its NCHW
+        // copy.
         let band_in = (rows * stride + k) * t(ci, side * stride) / (side * stride);
+        let copies = usize::from(k > 1) + usize::from(up2);
         let band_out = rows * y / side;
-        y + band_in * (1 + usize::from(up2)) + rows * row + 2 * band_out
+        y + band_in * copies + rows * row + 2 * band_out
     }
 
     /// Resnet ci → co at `side`, input held by the caller: the peak over its ops.

@@ -2,6 +2,11 @@
 //!
 //! A counting global allocator sees every tensor (candle's CPU storage is a `Vec`). One test
 //! runs all measurements in sequence, so nothing else allocates in between.
+//!
+//! On the CPU candle's 3×3 conv builds its im2col in 512-pixel tiles (plus one NHWC copy of the
+//! input), unlike the CUDA path's full buffer; so what this measures is the rest of the lean
+//! design: chunked GroupNorm+SiLU, the fused upsample, band-sized conv input copies and
+//! intermediates freed early. The CUDA im2col saving is computed in benches/vae_memory.rs.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
