@@ -19,6 +19,7 @@ fn opts(model: &Path) -> LoadOptions {
     LoadOptions {
         model_id: model.display().to_string(),
         quantization: Quantization::None,
+        text_encoder_quantization: Quantization::None,
         device: Device::Cpu,
         dtype: DType::F32,
         hf_token: None,
