@@ -18,6 +18,10 @@ impl RmsNorm {
             eps: eps as f32,
         })
     }
+
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
 }
 
 impl Module for RmsNorm {
