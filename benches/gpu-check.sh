@@ -122,8 +122,8 @@ BIN_CUDNN_XZ="${BIN_XZ%.xz}-cudnn.xz"
 if [[ -f "$BIN_CUDNN_XZ" ]]; then
   xz -dc "$BIN_CUDNN_XZ" >"$WORK/imagegen-cudnn" && chmod +x "$WORK/imagegen-cudnn"
   ldd "$WORK/imagegen-cudnn" 2>&1 | grep -E 'cudnn|not found' || true
-  BIN="$WORK/imagegen-cudnn" rust 4b-t2i-cudnn 70 --random-weights 4B \
-    --cases load,t2i-1024x1024,t2i-1280x1280,upscale-x4plus-1024 --runs 2
+  BIN="$WORK/imagegen-cudnn" rust 4b-t2i-cudnn 55 --random-weights 4B \
+    --cases load,t2i-1024x1024,upscale-x4plus-1024 --runs 2
 else
   echo "no $BIN_CUDNN_XZ: skipping the cuDNN variant"
 fi
