@@ -157,13 +157,16 @@ SHIP_SHELL_SCRIPTS := scripts/build-cuda.sh benches/gpu-check.sh scripts/check-v
 .PHONY: build-cuda gpu-prep lint-ship test-api
 lint: lint-ship
 
-build-cuda: ## CUDA release binary from PyPI toolkit wheels (CUDA_COMPUTE_CAP=90 default; see README)
+build-cuda: ## CUDA release binary from PyPI toolkit wheels (CUDA_COMPUTE_CAP=90 default, CUDNN=1 for cuDNN convs; see README)
 	scripts/build-cuda.sh
 
 # Everything benches/gpu-check.sh needs on a GPU box without network: the CUDA binary in dist/
 # and wheels of Python packages its image lacks (diffusers) in .whl/. Carry both.
 GPU_WHEELS := diffusers==0.42.1
+# GPU_PREP_CUDNN=0 skips the cuDNN-conv variant (a second build; benches/gpu-check.sh compares them).
+GPU_PREP_CUDNN ?= 1
 gpu-prep: build-cuda
+	if [ "$(GPU_PREP_CUDNN)" = 1 ]; then CUDNN=1 scripts/build-cuda.sh; fi
 	$(SHIP_PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
 	  -d .whl $(GPU_WHEELS)

@@ -33,7 +33,7 @@ def to_markdown(r):
     if r["weights"] == "random":
         lines += ["**RANDOM WEIGHTS**: timings and memory only; the images are noise.", ""]
     lines += [f"{r['implementation']} {r['implementation_version']} · model {r['model']} ({r['weights']} weights) · "
-              f"{r['quantization']} · {r['dtype']} · {r['device']} ({r['device_name']}) · {r['num_steps']} steps · "
+              f"transformer {r['quantization']}, text encoder {r.get('text_encoder_quantization', 'none')} · {r['dtype']} · {r['device']} ({r['device_name']}) · {r['num_steps']} steps · "
               f"{r['warmup']} warm-up + median of {r['runs']} · {r['started_at']}", "",
               "| case | status | median ms | encode refs | text enc | denoise | VAE decode | upscale | peak GB | after GB |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -55,7 +55,9 @@ def compare(ours, base):
     if "random" in (ours["weights"], base["weights"]):
         lines += ["Weights: random (timings and memory only).", ""]
     lines += [
-        f"Device: {ours['device_name']} · model {ours['model']} · {ours['quantization']} / {base['quantization']} · "
+        f"Device: {ours['device_name']} · model {ours['model']} · "
+        f"transformer {ours['quantization']} / {base['quantization']}, "
+        f"text encoder {ours.get('text_encoder_quantization', 'none')} / {base.get('text_encoder_quantization', 'none')} · "
         f"{ours['dtype']} / {base['dtype']} · {ours['num_steps']} steps · median of {ours['runs']} / {base['runs']} · "
         f"imagegen {ours['implementation_version']} ({ours['started_at']}) vs "
         f"{base['implementation']} {base['implementation_version']} ({base['started_at']})",

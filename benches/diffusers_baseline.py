@@ -275,6 +275,7 @@ def main():
         "weights": "random",
         "model": a.model,
         "quantization": "none",
+        "text_encoder_quantization": "none",
         "dtype": dtype_name,
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",

@@ -5,6 +5,7 @@
 #
 # Carry from the build machine (both git-ignored; `make gpu-prep` makes them):
 #   dist/imagegen-cuda13.0-sm90.xz   the CUDA binary (make build-cuda)
+#   dist/imagegen-cuda13.0-sm90-cudnn.xz  optional: the cuDNN-conv variant (CUDNN=1 make build-cuda)
 #   .whl/                            wheels for missing Python packages (diffusers)
 # Writes to $OUT (default ./out/gpu-check): summary.md, results.json, log.txt.
 set -uo pipefail
@@ -67,7 +68,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
 } >"$WORK/env.md"
 NV="$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])' 2>/dev/null || true)"
 LIBDIRS=""
-for lib in libcublas.so.13 libcublasLt.so.13 libcudart.so.13 libcurand.so.10 libnvrtc.so.13; do
+for lib in libcublas.so.13 libcublasLt.so.13 libcudart.so.13 libcurand.so.10 libnvrtc.so.13 libcudnn.so.9; do
   d="$(find "$NV" /usr/local/cuda*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib -name "$lib" -printf '%h\n' 2>/dev/null | head -1)"
   [[ -n "$d" && ":$LIBDIRS:" != *":$d:"* ]] && LIBDIRS="$LIBDIRS:$d"
 done
@@ -114,3 +115,15 @@ rust 4b-refs 80 --random-weights 4B --cases "$REFS" --runs 2
 py 4b-refs 80 --model 4B --cases "$REFS" --runs 2
 rust 9b-fp8 45 --random-weights 9B --quantization fp8 --cases load,t2i-1024x1024 --runs 2
 rust 9b-int8 45 --random-weights 9B --quantization int8 --cases load,t2i-1024x1024 --runs 2
+
+# The cuDNN-conv variant: same cases where convolutions matter (VAE decode, x4plus), to decide
+# which build ships. Runs last: it only compares two builds of imagegen.
+BIN_CUDNN_XZ="${BIN_XZ%.xz}-cudnn.xz"
+if [[ -f "$BIN_CUDNN_XZ" ]]; then
+  xz -dc "$BIN_CUDNN_XZ" >"$WORK/imagegen-cudnn" && chmod +x "$WORK/imagegen-cudnn"
+  ldd "$WORK/imagegen-cudnn" 2>&1 | grep -E 'cudnn|not found' || true
+  BIN="$WORK/imagegen-cudnn" rust 4b-t2i-cudnn 55 --random-weights 4B \
+    --cases load,t2i-1024x1024,upscale-x4plus-1024 --runs 2
+else
+  echo "no $BIN_CUDNN_XZ: skipping the cuDNN variant"
+fi

@@ -3,12 +3,15 @@
 //! tokens and thread count, run side by side by `make bench-text-encoder`.
 //! Config: hidden 1024, 16 q / 8 kv heads x 64, MLP 3072, 6 layers (outputs 2, 4, 6), 1 x 512
 //! tokens (40 real + pads). `TE_BENCH_LAYERS` overrides the layer count.
+//! The `_fp8` / `_int8` runs store the projections quantized (`TEXT_ENCODER_QUANTIZATION`), so
+//! their ratio to the plain run is the cost of dequantizing each weight at every forward.
 
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{Criterion, criterion_group, criterion_main};
+use imagegen::flux2::Quantization;
 use imagegen::flux2::config::Qwen3Config;
 use imagegen::flux2::text_encoder::Qwen3TextEncoder;
 
@@ -29,13 +32,16 @@ fn bench(c: &mut Criterion) {
     let dev = Device::Cpu;
     let varmap = VarMap::new();
     let outputs: Vec<usize> = (1..=3).map(|k| k * layers / 3).filter(|&k| k > 0).collect();
-    let enc = Qwen3TextEncoder::with_output_layers(
-        &cfg,
-        &outputs,
-        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
-        seq,
-    )
-    .unwrap();
+    let enc = |q| {
+        Qwen3TextEncoder::with_options(
+            &cfg,
+            &outputs,
+            VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+            seq,
+            q,
+        )
+        .unwrap()
+    };
     let real = seq.min(40);
     let ids: Vec<u32> = (0..seq as u32).map(|i| i % 4096).collect();
     let mask: Vec<u32> = (0..seq).map(|i| u32::from(i < real)).collect();
@@ -49,9 +55,17 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    g.bench_function(format!("qwen3_h{hidden}_l{layers}_t{seq}_cpu_f32"), |b| {
-        b.iter(|| enc.forward(&ids, &mask).unwrap())
-    });
+    for (q, suffix) in [
+        (Quantization::None, ""),
+        (Quantization::Fp8, "_fp8"),
+        (Quantization::Int8, "_int8"),
+    ] {
+        let enc = enc(q);
+        g.bench_function(
+            format!("qwen3_h{hidden}_l{layers}_t{seq}_cpu_f32{suffix}"),
+            |b| b.iter(|| enc.forward(&ids, &mask).unwrap()),
+        );
+    }
     g.finish();
 }
 

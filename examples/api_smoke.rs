@@ -152,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
                 "gpu_available",
                 "model_id",
                 "quantization",
+                "text_encoder_quantization",
                 "version",
             ] {
                 anyhow::ensure!(v.get(k).is_some(), "field {k} missing: {v}");

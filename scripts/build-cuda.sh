@@ -14,13 +14,24 @@
 #   CUDA_VENV          venv holding the wheels (default <repo>/.venv-cuda)
 #   CUDA_DIST          where the stripped and compressed binaries go (default <repo>/dist)
 #   CUDAFORGE_THREADS  parallel nvcc jobs (default: number of cores)
+#   CUDNN              1 → also enable cuDNN convolutions (cargo feature `cudnn`): the VAE and
+#                      Real-ESRGAN convs then skip candle's im2col buffer. Links against the
+#                      loader libcudnn.so.9 taken from the nvidia-cudnn-cu13 wheel; the GPU host
+#                      needs cuDNN 9 at run time. Outputs get a "-cudnn" suffix.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 
 CAP="${CUDA_COMPUTE_CAP:-90}"
+CUDNN="${CUDNN:-0}"
+VARIANT="sm${CAP}"
+FEATURES=cuda
+if [[ "$CUDNN" == 1 ]]; then
+  VARIANT="sm${CAP}-cudnn"
+  FEATURES=cudnn
+fi
 VENV="${CUDA_VENV:-$ROOT/.venv-cuda}"
-TARGET_DIR="${CUDA_TARGET_DIR:-$ROOT/target-cuda}-sm${CAP}"
+TARGET_DIR="${CUDA_TARGET_DIR:-$ROOT/target-cuda}-${VARIANT}"
 DIST="${CUDA_DIST:-$ROOT/dist}"
 PY="${PYTHON:-python3}"
 
@@ -55,6 +66,23 @@ for lib in cublas cublasLt cudart curand nvrtc; do
   ln -sf "${found[0]}" "$LINK/lib${lib}.so"
 done
 
+# cuDNN: only the small loader library is needed to link (it dlopens the rest at run time), so
+# it is taken out of the wheel instead of installing 1.5 GB of engines.
+CUDNN_WHEEL=nvidia-cudnn-cu13==9.28.1.4
+if [[ "$CUDNN" == 1 && ! -f "$LINK/libcudnn.so" ]]; then
+  log "fetching libcudnn.so.9 from $CUDNN_WHEEL"
+  mkdir -p "$VENV/wheels"
+  "$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+    -d "$VENV/wheels" "$CUDNN_WHEEL"
+  "$VENV/bin/python" - "$VENV/wheels" "$LINK/libcudnn.so" <<'PY'
+import glob, shutil, sys, zipfile
+wheel = glob.glob(sys.argv[1] + "/nvidia_cudnn_cu13-*.whl")[0]
+with zipfile.ZipFile(wheel) as z, z.open("nvidia/cudnn/lib/libcudnn.so.9") as src, \
+        open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+fi
+
 # The stub defines every cu* driver entry point that cudarc's bindings reference, each returning
 # CUDA_ERROR_STUB_LIBRARY (34). It exists only to satisfy the linker: the real libcuda.so.1 of the
 # GPU host's driver is what the binary loads at run time.
@@ -80,12 +108,12 @@ export CUDA_ROOT="$LINK" CUDARC_CUDA_VERSION=13000 CUDA_COMPUTE_CAP="$CAP"
 export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$(nproc)}"
 export CARGO_TARGET_DIR="$TARGET_DIR"
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$LINK"
-log "cargo build --release --features cuda (CUDA_COMPUTE_CAP=$CAP, target $TARGET_DIR)"
-cargo build --release --features cuda --bin imagegen
+log "cargo build --release --features $FEATURES (CUDA_COMPUTE_CAP=$CAP, target $TARGET_DIR)"
+cargo build --release --features "$FEATURES" --bin imagegen
 
 # 4. Strip, compress, report.
 mkdir -p "$DIST"
-name="imagegen-cuda13.0-sm${CAP}"
+name="imagegen-cuda13.0-${VARIANT}"
 out="$DIST/$name"
 cp "$TARGET_DIR/release/imagegen" "$out"
 unstripped=$(stat -c %s "$out")
@@ -100,5 +128,5 @@ log "done in $(( (end - start) / 60 )) min $(( (end - start) % 60 )) s"
 echo "binary:      $out ($(mb "$unstripped") unstripped, $(mb "$stripped") stripped)"
 echo "compressed:  $out.xz ($(mb "$compressed"))"
 echo "needs at run time:"
-ldd "$out" 2>/dev/null | grep -E 'cuda|cublas|curand|nvrtc' | sed 's/^/  /' || true
+ldd "$out" 2>/dev/null | grep -E 'cuda|cublas|curand|nvrtc|cudnn' | sed 's/^/  /' || true
 (( compressed < 60000000 )) || { echo "compressed binary exceeds 60 MB" >&2; exit 1; }

@@ -56,6 +56,12 @@ pub struct ServeArgs {
     #[arg(long, env = "QUANTIZATION", default_value = "none", value_parser = parse_quantization)]
     pub quantization: Quantization,
 
+    /// Text encoder projection storage: `none`, `fp8` or `int8`; unset follows QUANTIZATION.
+    /// Anything else stops startup.
+    #[arg(long, env = "TEXT_ENCODER_QUANTIZATION",
+          value_parser = crate::flux2::quant::parse_text_encoder_quantization)]
+    pub text_encoder_quantization: Option<Quantization>,
+
     /// Compute device.
     #[arg(long, env = "DEVICE", value_enum, default_value_t = DeviceKind::Auto)]
     pub device: DeviceKind,
@@ -192,6 +198,12 @@ impl ServeArgs {
         }
     }
 
+    /// `TEXT_ENCODER_QUANTIZATION`, else `QUANTIZATION`: whoever picks fp8 to fit a smaller
+    /// card expects the whole model to shrink.
+    pub fn resolved_text_encoder_quantization(&self) -> Quantization {
+        self.text_encoder_quantization.unwrap_or(self.quantization)
+    }
+
     pub fn download_timeout(&self) -> Duration {
         Duration::from_secs(self.download_timeout_secs)
     }
@@ -231,6 +243,39 @@ mod tests {
         let err = ServeArgs::try_parse_from(["--quantization", "fp4"]).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("fp4"), "{text}");
+        assert!(text.contains("none, fp8, int8"), "{text}");
+    }
+
+    #[test]
+    fn text_encoder_quantization_follows_quantization_unless_set() {
+        use Quantization as Q;
+        let te = |flags: &[&str]| {
+            ServeArgs::try_parse_from(flags)
+                .unwrap()
+                .resolved_text_encoder_quantization()
+        };
+        assert_eq!(te(&["--quantization", "none"]), Q::None);
+        assert_eq!(te(&["--quantization", "fp8"]), Q::Fp8);
+        assert_eq!(te(&["--quantization", "int8"]), Q::Int8);
+        for (flag, want) in [("none", Q::None), ("fp8", Q::Fp8), ("int8", Q::Int8)] {
+            for q in ["none", "fp8", "int8"] {
+                let got = te(&["--quantization", q, "--text-encoder-quantization", flag]);
+                assert_eq!(
+                    got, want,
+                    "QUANTIZATION={q} TEXT_ENCODER_QUANTIZATION={flag}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_text_encoder_quantization_is_an_error_naming_the_variable() {
+        let err = ServeArgs::try_parse_from(["--text-encoder-quantization", "bf16"]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("invalid TEXT_ENCODER_QUANTIZATION 'bf16'"),
+            "{text}"
+        );
         assert!(text.contains("none, fp8, int8"), "{text}");
     }
 

@@ -29,6 +29,8 @@ fn bench(args: &[&str], dir: &Path) -> (Value, String, String) {
         .arg(&json)
         .arg("--md-out")
         .arg(&md)
+        .env_remove("QUANTIZATION")
+        .env_remove("TEXT_ENCODER_QUANTIZATION")
         .output()
         .expect("run imagegen bench");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -77,6 +79,7 @@ fn real_tiny_model_every_case_reports_with_stage_split() {
         "weights",
         "model",
         "quantization",
+        "text_encoder_quantization",
         "dtype",
         "device",
         "device_name",
@@ -89,6 +92,8 @@ fn real_tiny_model_every_case_reports_with_stage_split() {
     }
     assert_eq!(r["implementation"], "imagegen");
     assert_eq!(r["weights"], "real");
+    assert_eq!(r["quantization"], "none");
+    assert_eq!(r["text_encoder_quantization"], "none");
     assert_eq!(r["device"], "cpu");
     assert_eq!(r["cases"].as_array().unwrap().len(), 3);
 
@@ -146,6 +151,36 @@ fn random_weights_are_announced_and_cover_upscale() {
     assert!(up["stages"]["upscale_ms"].as_f64().unwrap() > 0.0, "{up}");
     // `load` was not asked for, so it is not reported.
     assert_eq!(r["cases"].as_array().unwrap().len(), 2);
+}
+
+/// A run records both weight settings, in the JSON and the markdown header; the text encoder's
+/// follows `--quantization` unless given.
+#[test]
+fn quantized_runs_record_both_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flags, te) in [
+        (&["--quantization", "fp8"][..], "fp8"),
+        (
+            &[
+                "--quantization",
+                "fp8",
+                "--text-encoder-quantization",
+                "int8",
+            ][..],
+            "int8",
+        ),
+    ] {
+        let mut args = vec!["--model", TINY, "--cases", "t2i-32x32"];
+        args.extend_from_slice(flags);
+        let (r, md, _) = bench(&args, dir.path());
+        assert_eq!(r["quantization"], "fp8", "{r}");
+        assert_eq!(r["text_encoder_quantization"], te, "{r}");
+        assert!(
+            md.contains(&format!("· transformer fp8, text encoder {te} ·")),
+            "{md}"
+        );
+        assert_ok_timed(case(&r, "t2i-32x32"), 2);
+    }
 }
 
 #[test]

@@ -11,6 +11,9 @@ use imagegen::flux2::transformer::{Flux2Transformer2DModel, Flux2TransformerConf
 use imagegen::flux2::vae::{AutoencoderKLFlux2, AutoencoderKLFlux2Config};
 use imagegen::flux2::weights::recording_var_builder;
 
+mod common;
+use common::{is_encoder_projection, is_loaded_encoder_tensor, stored_weight_bytes};
+
 fn manifest(name: &str) -> (serde_json::Value, BTreeMap<String, Vec<usize>>) {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/flux2/manifests")
@@ -69,4 +72,65 @@ fn vae_requests_exactly_the_real_tensors() {
     let requested = log.lock().unwrap().clone();
     let d = diff(&requested, &real);
     assert!(d.is_empty(), "vae:\n{}", d.join("\n"));
+}
+
+/// The device bytes of the weights of 4B and 9B under each weight setting, counted exactly from
+/// the real checkpoints' shapes: the transformer's 2-D tensors are all Linears (`QLinear`), the
+/// text encoder loads the embedding and layers 0..26 and quantizes their q/k/v/o and
+/// gate/up/down projections, the VAE stays dense. Dense = bf16 (2 bytes, the CUDA dtype);
+/// quantized = 1 byte per weight plus an f32 scale per output row (fp8 and int8 alike).
+/// `tests/flux2_text.rs` checks the encoder part of this rule against the loaded tiny model.
+///
+/// These are weight bytes, not GPU peaks: activations, the dequantized copy of the layer in
+/// flight, and allocator slack come on top. The table is in docs/benchmarks.md; this test fails
+/// if the two disagree (`-- --nocapture` prints it).
+fn shapes(m: &BTreeMap<String, Vec<usize>>) -> Vec<(&str, &[usize])> {
+    m.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect()
+}
+
+#[test]
+fn computed_weight_bytes_match_the_documented_table() {
+    let (_, mut vae) = manifest("vae.json");
+    vae.remove("bn.num_batches_tracked");
+    let vae = stored_weight_bytes(shapes(&vae), |_, _| false, false, 2);
+    let mut table = String::from(
+        "| model | QUANTIZATION | TEXT_ENCODER_QUANTIZATION | transformer GB | text encoder GB | VAE GB | total GB | total bytes |\n\
+         |---|---|---|---:|---:|---:|---:|---:|\n",
+    );
+    let gb = |b: u64| format!("{:.2}", b as f64 / 1e9);
+    for (model, transformer, encoder) in [
+        ("4B", "transformer-4b.json", "qwen3-4b.json"),
+        ("9B", "transformer-9b.json", "qwen3-8b.json"),
+    ] {
+        let (_, t) = manifest(transformer);
+        let (_, e) = manifest(encoder);
+        let e: Vec<_> = shapes(&e)
+            .into_iter()
+            .filter(|(n, _)| is_loaded_encoder_tensor(n))
+            .collect();
+        for (tq, teq) in [(false, false), (false, true), (true, false), (true, true)] {
+            let tb = stored_weight_bytes(shapes(&t), |_, s| s.len() == 2, tq, 2);
+            let eb = stored_weight_bytes(e.clone(), is_encoder_projection, teq, 2);
+            let name = |q: bool| if q { "fp8" } else { "none" };
+            table += &format!(
+                "| {model} | {} | {} | {} | {} | {} | {} | {} |\n",
+                name(tq),
+                name(teq),
+                gb(tb),
+                gb(eb),
+                gb(vae),
+                gb(tb + eb + vae),
+                tb + eb + vae
+            );
+        }
+    }
+    println!("{table}");
+    let doc = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md"),
+    )
+    .unwrap();
+    assert!(
+        doc.contains(&table),
+        "docs/benchmarks.md lacks the computed table:\n{table}"
+    );
 }

@@ -41,6 +41,7 @@ pub struct AppState {
     pub gpu: RwLock<GpuInfo>,
     pub model_id: String,
     pub quantization: Quantization,
+    pub text_encoder_quantization: Quantization,
     pub max_input_pixels: u64,
     pub retry_after_secs: u64,
 }
@@ -158,6 +159,7 @@ pub async fn run<B: ImageBackend, U: UpscaleBackend>(
         addr = %listener.local_addr()?,
         model_id,
         quantization = %args.quantization,
+        text_encoder_quantization = %args.resolved_text_encoder_quantization(),
         preload = args.preload_models,
         device = if on_gpu { "cuda" } else { "cpu" },
         token = if args.token().is_some() { "set" } else { "unset" },
@@ -188,6 +190,7 @@ pub async fn run<B: ImageBackend, U: UpscaleBackend>(
         }),
         model_id,
         quantization: args.quantization,
+        text_encoder_quantization: args.resolved_text_encoder_quantization(),
         max_input_pixels: args.max_input_pixels,
         retry_after_secs: args.retry_after_secs,
     });

@@ -157,7 +157,10 @@ pub struct HealthResponse {
     /// PyTorch-allocated memory as in the original).
     pub gpu_memory_used_gb: Option<f64>,
     pub model_id: String,
+    /// Transformer weight storage (`QUANTIZATION`).
     pub quantization: String,
+    /// Text encoder projection storage (`TEXT_ENCODER_QUANTIZATION`, else `QUANTIZATION`).
+    pub text_encoder_quantization: String,
     pub version: String,
     /// Jobs waiting for the GPU worker.
     pub queue_depth: usize,

@@ -50,6 +50,11 @@ pub struct BenchArgs {
     #[arg(long, env = "QUANTIZATION", default_value = "none")]
     pub quantization: Quantization,
 
+    /// Text encoder projection storage: none, fp8 or int8; unset follows QUANTIZATION.
+    #[arg(long, env = "TEXT_ENCODER_QUANTIZATION",
+          value_parser = crate::flux2::quant::parse_text_encoder_quantization)]
+    pub text_encoder_quantization: Option<Quantization>,
+
     /// Compute device.
     #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
     pub device: DeviceKind,
@@ -93,6 +98,13 @@ pub struct BenchArgs {
     pub md_out: Option<PathBuf>,
 }
 
+impl BenchArgs {
+    /// `--text-encoder-quantization`, else `--quantization`.
+    fn te_quantization(&self) -> Quantization {
+        self.text_encoder_quantization.unwrap_or(self.quantization)
+    }
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let cases = cases::select(&args.cases).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(
@@ -116,6 +128,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| args.model.clone()),
         quantization: args.quantization.to_string(),
+        text_encoder_quantization: args.te_quantization().to_string(),
         dtype: format!("{dtype:?}").to_lowercase(),
         device: if device.is_cuda() { "cuda" } else { "cpu" }.into(),
         device_name: device_name(&device),
@@ -227,6 +240,7 @@ fn load_pipeline(args: &BenchArgs, device: &Device, dtype: DType) -> anyhow::Res
     let opts = LoadOptions {
         model_id: args.model.clone(),
         quantization: args.quantization,
+        text_encoder_quantization: args.te_quantization(),
         device: device.clone(),
         dtype,
         hf_token: crate::flux2::weights::hf_token_from_env(),

@@ -45,6 +45,11 @@ pub struct GenerateArgs {
     /// Transformer weight storage: none, fp8 or int8.
     #[arg(long, env = "QUANTIZATION", default_value = "none")]
     pub quantization: Quantization,
+
+    /// Text encoder projection storage: none, fp8 or int8; unset follows QUANTIZATION.
+    #[arg(long, env = "TEXT_ENCODER_QUANTIZATION",
+          value_parser = crate::flux2::quant::parse_text_encoder_quantization)]
+    pub text_encoder_quantization: Option<Quantization>,
     /// Output PNG.
     #[arg(long)]
     pub output: PathBuf,
@@ -89,19 +94,23 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             .unwrap_or(0)
     });
 
+    let te_quant = args.text_encoder_quantization.unwrap_or(args.quantization);
     let t = std::time::Instant::now();
     let pipeline = Flux2Pipeline::load(&LoadOptions {
         model_id: args.model.clone(),
         quantization: args.quantization,
+        text_encoder_quantization: te_quant,
         device: device.clone(),
         dtype,
         hf_token: hf_token_from_env(),
     })?;
     eprintln!(
-        "loaded {} on {:?} ({:?}) in {:.1}s",
+        "loaded {} on {:?} ({:?}; transformer {}, text encoder {}) in {:.1}s",
         pipeline.model_id(),
         device,
         dtype,
+        args.quantization,
+        te_quant,
         t.elapsed().as_secs_f64()
     );
     let refs = if references.is_empty() {

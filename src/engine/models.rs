@@ -68,12 +68,19 @@ pub fn flux_loader(args: &ServeArgs, device: &Device) -> Option<BackendLoader<Fl
     let opts = LoadOptions {
         model_id: args.resolved_model_id(),
         quantization: args.quantization,
+        text_encoder_quantization: args.resolved_text_encoder_quantization(),
         device: device.clone(),
         dtype: default_dtype(device),
         hf_token: args.token(),
     };
     Some(Box::new(move || {
-        tracing::info!(model_id = %opts.model_id, quantization = %opts.quantization, dtype = ?opts.dtype, "Loading FLUX model");
+        tracing::info!(
+            model_id = %opts.model_id,
+            quantization = %opts.quantization,
+            text_encoder_quantization = %opts.text_encoder_quantization,
+            dtype = ?opts.dtype,
+            "Loading FLUX model"
+        );
         Ok(Flux {
             pipeline: Flux2Pipeline::load(&opts)?,
         })

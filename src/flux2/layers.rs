@@ -18,6 +18,10 @@ impl RmsNorm {
             eps: eps as f32,
         })
     }
+
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
 }
 
 impl Module for RmsNorm {
@@ -28,17 +32,32 @@ impl Module for RmsNorm {
 
 /// Scaled dot-product attention over [B, H, S, d] inputs, no mask; returns [B, S, H·d].
 ///
-/// Query rows are processed in chunks so that at most about `max_scores` attention scores exist
-/// at once: the full score matrix of a 1024² image would not fit in memory. Softmax is row-wise,
-/// so chunking does not change the result.
+/// The 1/√d scale is applied to `q` rather than to the scores: q has d elements per row, the
+/// scores kv_len, so this saves a full read and write of the score matrix, the largest tensor
+/// the models make.
 pub(crate) fn chunked_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     max_scores: usize,
 ) -> Result<Tensor> {
+    let d = q.dim(3)?;
+    chunked_attention_prescaled(&(q * (1.0 / (d as f64).sqrt()))?, k, v, max_scores)
+}
+
+/// [`chunked_attention`] for a `q` that already carries the 1/√d scale (the DiT folds it into
+/// its f32 RoPE pass, so it costs no extra rounding).
+///
+/// Query rows are processed in chunks so that at most about `max_scores` attention scores exist
+/// at once: the full score matrix of a 1024² image would not fit in memory. Softmax is row-wise,
+/// so chunking does not change the result.
+pub(crate) fn chunked_attention_prescaled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    max_scores: usize,
+) -> Result<Tensor> {
     let (b, h, s, d) = q.dims4()?;
-    let scale = 1.0 / (d as f64).sqrt();
     let q = q.contiguous()?;
     let kt = k.t()?.contiguous()?;
     let v = v.contiguous()?;
@@ -48,7 +67,7 @@ pub(crate) fn chunked_attention(
     let mut start = 0;
     while start < s {
         let n = rows.min(s - start);
-        let scores = (q.narrow(2, start, n)?.matmul(&kt)? * scale)?;
+        let scores = q.narrow(2, start, n)?.matmul(&kt)?;
         outs.push(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?);
         start += n;
     }

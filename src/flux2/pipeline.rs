@@ -74,7 +74,11 @@ impl From<PromptEncoderError> for Flux2Error {
 pub struct LoadOptions {
     /// A local diffusers-layout directory, a hub repo id, or `4B` / `9B`.
     pub model_id: String,
+    /// Storage of the transformer's Linear weights.
     pub quantization: Quantization,
+    /// Storage of the text encoder's attention and MLP projections (the settings resolve an
+    /// unset `TEXT_ENCODER_QUANTIZATION` to `quantization`).
+    pub text_encoder_quantization: Quantization,
     pub device: Device,
     /// bf16 on CUDA, f32 on CPU (the VAE always runs f32 on CPU: candle has no bf16 CPU conv).
     pub dtype: DType,
@@ -240,7 +244,8 @@ impl Flux2Pipeline {
             message: m,
         })?;
         let vcfg: AutoencoderKLFlux2Config = files.read_json("vae/config.json")?;
-        let text = PromptEncoder::load(files, dtype, &device)?;
+        let text =
+            PromptEncoder::load_quantized(files, dtype, &device, opts.text_encoder_quantization)?;
         if text.output_dim() != tcfg.joint_attention_dim {
             return Err(WeightsError::BadFile {
                 file: "transformer/config.json".into(),
@@ -295,6 +300,10 @@ impl Flux2Pipeline {
     /// Pixels per latent token side (16 for FLUX.2: VAE ×8 and the 2×2 patchify).
     pub fn multiple_of(&self) -> u32 {
         (self.vae.config().scale_factor() * 2) as u32
+    }
+
+    pub fn text_encoder(&self) -> &PromptEncoder {
+        &self.text
     }
 
     pub fn transformer(&self) -> &Flux2Transformer2DModel {

@@ -1,7 +1,9 @@
-//! Linear layers whose weights may be stored quantized (`QUANTIZATION=none|fp8|int8`).
+//! Linear layers whose weights may be stored quantized (`QUANTIZATION=none|fp8|int8` for the
+//! transformer, `TEXT_ENCODER_QUANTIZATION` for the Qwen3 text encoder's projections).
 //!
-//! Only the transformer is quantized, as in the original service (TorchAO weight-only); the text
-//! encoder and VAE stay in the compute dtype.
+//! The original service quantized only the transformer (TorchAO weight-only); quantizing the
+//! encoder too is what lets 9B fit a 24 GB card. Embeddings, norms and the VAE stay in the
+//! compute dtype.
 
 use std::fmt;
 use std::str::FromStr;
@@ -9,7 +11,7 @@ use std::str::FromStr;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// How transformer weights are stored on the device.
+/// How Linear weights are stored on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Quantization {
@@ -44,15 +46,27 @@ impl FromStr for Quantization {
     /// Exactly `none`, `fp8` or `int8`, as the original accepted; anything else is an error
     /// (the original silently fell back to `none`).
     fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::parse_setting("QUANTIZATION", s)
+    }
+}
+
+impl Quantization {
+    /// Parses the value of the setting `name`; the error names the setting and the choices.
+    pub fn parse_setting(name: &str, s: &str) -> std::result::Result<Self, String> {
         match s {
             "none" => Ok(Quantization::None),
             "fp8" => Ok(Quantization::Fp8),
             "int8" => Ok(Quantization::Int8),
             other => Err(format!(
-                "invalid QUANTIZATION '{other}': expected one of none, fp8, int8"
+                "invalid {name} '{other}': expected one of none, fp8, int8"
             )),
         }
     }
+}
+
+/// clap value parser of `TEXT_ENCODER_QUANTIZATION` / `--text-encoder-quantization`.
+pub fn parse_text_encoder_quantization(s: &str) -> std::result::Result<Quantization, String> {
+    Quantization::parse_setting("TEXT_ENCODER_QUANTIZATION", s)
 }
 
 /// Largest finite F8E4M3 value.
@@ -134,6 +148,15 @@ impl QLinear {
         }
     }
 
+    /// Bytes the stored weight takes: values plus per-row f32 scales when quantized.
+    pub fn storage_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        match &self.weight {
+            Weight::Dense(w) => bytes(w),
+            Weight::Fp8 { q, scale } | Weight::Int8 { q, scale } => bytes(q) + bytes(scale),
+        }
+    }
+
     /// The weight as used by forward, `[out, in]` in `dtype`.
     pub fn dequantized_weight(&self, dtype: DType) -> Result<Tensor> {
         match &self.weight {
@@ -203,6 +226,24 @@ mod tests {
             err.contains("FP8") && err.contains("none, fp8, int8"),
             "{err}"
         );
+        let err = parse_text_encoder_quantization("bf16").unwrap_err();
+        assert_eq!(
+            err,
+            "invalid TEXT_ENCODER_QUANTIZATION 'bf16': expected one of none, fp8, int8"
+        );
+        assert_eq!(
+            parse_text_encoder_quantization("int8"),
+            Ok(Quantization::Int8)
+        );
+    }
+
+    #[test]
+    fn storage_bytes_count_values_and_scales() {
+        let w = Tensor::randn(0f32, 1.0, (6, 10), &Device::Cpu).unwrap();
+        let bytes = |q| QLinear::from_weight(w.clone(), q).unwrap().storage_bytes();
+        assert_eq!(bytes(Quantization::None), 6 * 10 * 4);
+        assert_eq!(bytes(Quantization::Fp8), 6 * 10 + 6 * 4);
+        assert_eq!(bytes(Quantization::Int8), 6 * 10 + 6 * 4);
     }
 
     use candle_core::Device;

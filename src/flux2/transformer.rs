@@ -7,7 +7,7 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::layers::{RmsNorm, chunked_attention};
+use super::layers::{RmsNorm, chunked_attention_prescaled};
 use super::quant::{QLinear, Quantization, linear_no_bias};
 
 fn default_patch() -> usize {
@@ -206,26 +206,33 @@ impl Rope {
 
     /// Interleaved-pair rotation of `x` [B, H, S, d], computed in f32.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let dt = x.dtype();
-        let y = candle_nn::rotary_emb::rope_i(
-            &x.to_dtype(DType::F32)?.contiguous()?,
-            &self.cos,
-            &self.sin,
-        )?;
-        y.to_dtype(dt)
+        self.rotate_f32(x)?.to_dtype(x.dtype())
+    }
+
+    /// [`Self::apply`] for queries: also multiplies by the attention's 1/√d while still in f32,
+    /// so [`attention`] never has to scale the (much larger) score matrix.
+    fn apply_query(&self, x: &Tensor) -> Result<Tensor> {
+        let d = x.dim(3)?;
+        (self.rotate_f32(x)? * (1.0 / (d as f64).sqrt()))?.to_dtype(x.dtype())
+    }
+
+    fn rotate_f32(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::rotary_emb::rope_i(&x.to_dtype(DType::F32)?.contiguous()?, &self.cos, &self.sin)
     }
 }
 
 /// Most attention-score elements materialised at once (query rows are chunked beyond this):
-/// 2^28 bf16 scores are 512 MiB.
-const MAX_SCORES: usize = 1 << 28;
+/// 2^27 bf16 scores are 256 MiB, plus as much again for the softmax. Chunks stay large GEMMs: at
+/// 1024² (24 heads × 4608 keys) a chunk is ~1200 query rows.
+const MAX_SCORES: usize = 1 << 27;
 
-/// Scaled dot-product attention over [B, H, S, d] inputs, no mask; returns [B, S, H·d].
+/// Scaled dot-product attention over [B, H, S, d] inputs, no mask; returns [B, S, H·d]. `q`
+/// must come from [`Rope::apply_query`] (it carries the 1/√d scale).
 ///
 /// The DiT's one attention entry point, so a fused kernel can replace it. The softmax kernels
 /// accumulate in f32 whatever the input dtype.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    chunked_attention(q, k, v, MAX_SCORES)
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    chunked_attention_prescaled(q, k, v, MAX_SCORES)
 }
 
 /// LayerNorm without affine parameters, through the fused kernel.
@@ -398,7 +405,7 @@ impl DoubleBlock {
         let qc = heads(&self.add_q.forward(&c)?, self.n_heads, &self.norm_added_q)?;
         let kc = heads(&self.add_k.forward(&c)?, self.n_heads, &self.norm_added_k)?;
         let vc = heads_plain(&self.add_v.forward(&c)?, self.n_heads)?;
-        let q = rope.apply(&Tensor::cat(&[&qc, &q], 2)?)?;
+        let q = rope.apply_query(&Tensor::cat(&[&qc, &q], 2)?)?;
         let k = rope.apply(&Tensor::cat(&[&kc, &k], 2)?)?;
         let v = Tensor::cat(&[&vc, &v], 2)?;
         let attn = attention(&q, &k, &v)?;
@@ -458,7 +465,7 @@ impl SingleBlock {
         let q = heads(&p.narrow(2, 0, d)?, self.n_heads, &self.norm_q)?;
         let k = heads(&p.narrow(2, d, d)?, self.n_heads, &self.norm_k)?;
         let v = heads_plain(&p.narrow(2, 2 * d, d)?, self.n_heads)?;
-        let attn = attention(&rope.apply(&q)?, &rope.apply(&k)?, &v)?;
+        let attn = attention(&rope.apply_query(&q)?, &rope.apply(&k)?, &v)?;
         let mlp = swiglu(&p.narrow(2, 3 * d, 2 * f)?)?;
         let out = self.to_out.forward(&Tensor::cat(&[&attn, &mlp], 2)?)?;
         m.gated(x, &out)

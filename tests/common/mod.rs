@@ -71,3 +71,47 @@ pub fn compare_images(a: &RgbImage, b: &RgbImage) -> (f64, u8) {
     }
     (ok as f64 / (a.width() * a.height()) as f64, worst)
 }
+
+/// Bytes of weights as imagegen holds them on the device: a quantized Linear `[out, in]` takes
+/// one byte per weight plus an f32 scale per output row; every other tensor (and every Linear
+/// when `quantized` is false) `dense` bytes per element.
+pub fn stored_weight_bytes<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+    is_linear: impl Fn(&str, &[usize]) -> bool,
+    quantized: bool,
+    dense: u64,
+) -> u64 {
+    tensors
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: u64 = shape.iter().map(|&d| d as u64).product();
+            if quantized && is_linear(name, shape) {
+                n + 4 * shape[0] as u64
+            } else {
+                n * dense
+            }
+        })
+        .sum()
+}
+
+/// Qwen3 decoder layers the text encoder loads (0..26 of 36: FLUX.2 reads layer 27's output).
+pub const ENCODER_LAYERS: usize = 27;
+
+/// The Qwen3 checkpoint tensors the text encoder loads: the embedding and layers 0..26.
+pub fn is_loaded_encoder_tensor(name: &str) -> bool {
+    name == "model.embed_tokens.weight" || encoder_layer(name).is_some_and(|i| i < ENCODER_LAYERS)
+}
+
+/// The encoder's quantizable Linears: the 2-D tensors of the decoder layers (q/k/v/o and
+/// gate/up/down projections; the norms are 1-D).
+pub fn is_encoder_projection(name: &str, shape: &[usize]) -> bool {
+    encoder_layer(name).is_some() && shape.len() == 2
+}
+
+fn encoder_layer(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}

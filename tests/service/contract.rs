@@ -256,6 +256,7 @@ async fn root_health_fields_and_request_id() {
         "gpu_memory_used_gb",
         "model_id",
         "quantization",
+        "text_encoder_quantization",
         "version",
     ] {
         assert!(h.get(key).is_some(), "missing {key} in {h}");
@@ -268,6 +269,7 @@ async fn root_health_fields_and_request_id() {
             .ends_with("tests/fixtures/flux2/tiny-model")
     );
     assert_eq!(h["quantization"], "none");
+    assert_eq!(h["text_encoder_quantization"], "none");
     // Without an incoming id the server makes one.
     let resp = s.get("/live").await;
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
@@ -342,4 +344,26 @@ async fn a_model_that_fails_to_load_is_reported_not_served() {
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.json::<Value>().await.unwrap()["status"], "failed");
     assert_eq!(s.post("/generate", ok_body()).await.status(), 503);
+}
+
+/// `--quantization int8` alone quantizes the text encoder too; /health reports both settings,
+/// and the quantized model loads.
+#[tokio::test]
+async fn health_reports_both_quantizations_and_the_quantized_model_loads() {
+    let s = Server::start_real(&["--quantization", "int8"]).await;
+    s.wait_status("healthy", Duration::from_secs(60)).await;
+    let h: Value = s.get_json("/health").await;
+    assert_eq!(h["quantization"], "int8", "{h}");
+    assert_eq!(h["text_encoder_quantization"], "int8", "{h}");
+    let s = Server::start_real(&[
+        "--quantization",
+        "fp8",
+        "--text-encoder-quantization",
+        "none",
+    ])
+    .await;
+    s.wait_status("healthy", Duration::from_secs(60)).await;
+    let h: Value = s.get_json("/health").await;
+    assert_eq!(h["quantization"], "fp8", "{h}");
+    assert_eq!(h["text_encoder_quantization"], "none", "{h}");
 }

@@ -46,7 +46,11 @@ pub struct Report {
     /// `random`: weights drawn at random (timings and memory only; images are noise).
     pub weights: String,
     pub model: String,
+    /// Transformer weight storage.
     pub quantization: String,
+    /// Text encoder projection storage (reports written before it existed read as `none`).
+    #[serde(default = "none")]
+    pub text_encoder_quantization: String,
     pub dtype: String,
     pub device: String,
     pub device_name: String,
@@ -56,6 +60,10 @@ pub struct Report {
     /// RFC 3339 UTC time at the start of the run.
     pub started_at: String,
     pub cases: Vec<CaseResult>,
+}
+
+fn none() -> String {
+    "none".into()
 }
 
 pub fn median(xs: &[f64]) -> Option<f64> {
@@ -92,12 +100,13 @@ impl Report {
             s.push_str("**RANDOM WEIGHTS**: timings and memory only; the images are noise.\n\n");
         }
         s.push_str(&format!(
-            "{} {} · model {} ({} weights) · {} · {} · {} ({}) · {} steps · {} warm-up + median of {} · {}\n\n",
+            "{} {} · model {} ({} weights) · transformer {}, text encoder {} · {} · {} ({}) · {} steps · {} warm-up + median of {} · {}\n\n",
             self.implementation,
             self.implementation_version,
             self.model,
             self.weights,
             self.quantization,
+            self.text_encoder_quantization,
             self.dtype,
             self.device,
             self.device_name,
@@ -162,7 +171,8 @@ mod tests {
             implementation_version: "0.1.0".into(),
             weights: "random".into(),
             model: "4B".into(),
-            quantization: "none".into(),
+            quantization: "fp8".into(),
+            text_encoder_quantization: "int8".into(),
             dtype: "bf16".into(),
             device: "cuda".into(),
             device_name: "NVIDIA H100".into(),
@@ -174,6 +184,10 @@ mod tests {
         };
         let md = r.to_markdown();
         assert!(md.starts_with("**RANDOM WEIGHTS**"));
+        assert!(
+            md.contains("· transformer fp8, text encoder int8 ·"),
+            "{md}"
+        );
         assert!(
             md.contains("| t2i-512x512 | ok | 12 | – | – | 7.50 | – | – | 17.32 | n/a |"),
             "{md}"
