@@ -1,4 +1,4 @@
-//! Heap measurement of the lean VAE decoder against candle's plain ops, on the CPU.
+//! Heap measurement of the lean VAE decoder and encoder against candle's plain ops, on the CPU.
 //!
 //! A counting global allocator sees every tensor (candle's CPU storage is a `Vec`). One test
 //! runs all measurements in sequence, so nothing else allocates in between.
@@ -34,7 +34,7 @@ fn small_vae_config() -> AutoencoderKLFlux2Config {
 }
 
 #[test]
-fn lean_decoder_peak_is_bounded_and_outputs_match() {
+fn lean_vae_peaks_are_bounded_and_outputs_match() {
     let cfg = small_vae_config();
     let dev = Device::Cpu;
     let weights = random_weights(DType::F32, |vb| {
@@ -99,4 +99,24 @@ fn lean_decoder_peak_is_bounded_and_outputs_match() {
         "plain peak {peak_plain} ≤ 4·A: nothing to compare against"
     );
     drop((y_plain, y_lean));
+
+    // The encoder on a 256² image: its stride-2 downsamplers pad bottom/right per band.
+    let img = Tensor::randn(0f32, 1.0, (1, 3, side, side), &dev).unwrap();
+    let (m_plain, enc_plain) = peak_above_live(|| plain.encode_mean(&img).unwrap());
+    let (m_lean, enc_lean) = peak_above_live(|| lean.encode_mean(&img).unwrap());
+    let rel = max_abs_diff(&m_lean, &m_plain) / max_abs(&m_plain);
+    eprintln!(
+        "encode 256² → 32²: peak plain {:.1} MiB, lean {:.1} MiB ({:.2}×), relative diff {rel:e}",
+        mib(enc_plain),
+        mib(enc_lean),
+        enc_lean as f64 / enc_plain as f64
+    );
+    assert!(
+        rel <= 1e-5,
+        "lean and plain encodes differ: relative {rel:e}"
+    );
+    assert!(
+        (enc_lean as f64) < 0.7 * enc_plain as f64,
+        "lean encoder peak {enc_lean} is not well below plain {enc_plain}"
+    );
 }
