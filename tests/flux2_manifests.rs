@@ -94,8 +94,8 @@ fn computed_weight_bytes_match_the_documented_table() {
     vae.remove("bn.num_batches_tracked");
     let vae = stored_weight_bytes(shapes(&vae), |_, _| false, false, 2);
     let mut table = String::from(
-        "| model | QUANTIZATION | TEXT_ENCODER_QUANTIZATION | transformer GB | text encoder GB | VAE GB | total GB | total bytes |\n\
-         |---|---|---|---:|---:|---:|---:|---:|\n",
+        "| model | QUANTIZATION | TEXT_ENCODER_QUANTIZATION | transformer GB | text encoder GB | VAE GB | GPU total GB | GPU total bytes | host GB (embedding table) |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|\n",
     );
     let gb = |b: u64| format!("{:.2}", b as f64 / 1e9);
     for (model, transformer, encoder) in [
@@ -104,23 +104,26 @@ fn computed_weight_bytes_match_the_documented_table() {
     ] {
         let (_, t) = manifest(transformer);
         let (_, e) = manifest(encoder);
-        let e: Vec<_> = shapes(&e)
+        // The embedding table stays in host memory (text_encoder.rs); the rest is on the GPU.
+        let (embedding, e): (Vec<_>, Vec<_>) = shapes(&e)
             .into_iter()
             .filter(|(n, _)| is_loaded_encoder_tensor(n))
-            .collect();
+            .partition(|(n, _)| n.contains("embed_tokens"));
+        let host = stored_weight_bytes(embedding, |_, _| false, false, 2);
         for (tq, teq) in [(false, false), (false, true), (true, false), (true, true)] {
             let tb = stored_weight_bytes(shapes(&t), |_, s| s.len() == 2, tq, 2);
             let eb = stored_weight_bytes(e.clone(), is_encoder_projection, teq, 2);
             let name = |q: bool| if q { "fp8" } else { "none" };
             table += &format!(
-                "| {model} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {model} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 name(tq),
                 name(teq),
                 gb(tb),
                 gb(eb),
                 gb(vae),
                 gb(tb + eb + vae),
-                tb + eb + vae
+                tb + eb + vae,
+                gb(host)
             );
         }
     }
