@@ -296,7 +296,8 @@ fn load_pipeline(args: &BenchArgs, device: &Device, dtype: DType) -> anyhow::Res
         tok.display()
     );
     // A bf16 checkpoint has no fp8 scale tensors.
-    let backend = RandomBackend::new(&[".weight_scale", ".scale_weight", ".input_scale"]);
+    let backend = RandomBackend::new(&[".weight_scale", ".scale_weight", ".input_scale"])
+        .drawing_on(&opts.device);
     let b = backend.clone();
     let files = ModelFiles::local(dir.path())?
         .with_weights_from(Arc::new(move |dt, dev| b.var_builder(dt, dev)));

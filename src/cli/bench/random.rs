@@ -17,6 +17,10 @@ pub struct RandomBackend {
     absent_suffixes: Arc<Vec<String>>,
     /// Every name handed out with its element count, for the bench's "fabricated" line.
     seen: Arc<Mutex<(HashSet<String>, u64)>>,
+    /// Where samples are drawn. Tensors kept in host memory (the text encoder's embedding
+    /// table) are drawn on the GPU and copied over: the CPU sampler would add seconds per 100M
+    /// elements to every `load` the bench times.
+    draw_on: Option<Device>,
 }
 
 impl RandomBackend {
@@ -24,7 +28,14 @@ impl RandomBackend {
         Self {
             absent_suffixes: Arc::new(absent_suffixes.iter().map(|s| s.to_string()).collect()),
             seen: Arc::new(Mutex::new((HashSet::new(), 0))),
+            draw_on: None,
         }
+    }
+
+    /// Draws every sample on `device` (the compute device), whatever device asks for it.
+    pub fn drawing_on(mut self, device: &Device) -> Self {
+        self.draw_on = Some(device.clone());
+        self
     }
 
     /// Tensors and elements fabricated so far (each name counted once).
@@ -55,7 +66,14 @@ impl SimpleBackend for RandomBackend {
     ) -> Result<Tensor> {
         let mean = if is_norm_scale(name) { 1.0f32 } else { 0.0 };
         // Drawn in f32 then cast: curand and the CPU sampler have no bf16/f8 normal.
-        let t = Tensor::randn(mean, 0.02f32, s.clone(), dev)?.to_dtype(dtype)?;
+        let t = Tensor::randn(
+            mean,
+            0.02f32,
+            s.clone(),
+            self.draw_on.as_ref().unwrap_or(dev),
+        )?
+        .to_dtype(dtype)?
+        .to_device(dev)?;
         let mut g = self.seen.lock().unwrap();
         if g.0.insert(name.to_string()) {
             g.1 += s.elem_count() as u64;
