@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+mod support;
 use criterion::{Criterion, criterion_group, criterion_main};
 use imagegen::flux2::Quantization;
 use imagegen::flux2::transformer::{Flux2Transformer2DModel, Flux2TransformerConfig};
@@ -59,13 +59,8 @@ fn bench(c: &mut Criterion) {
         "num_attention_heads": s.heads, "joint_attention_dim": s.joint,
     }))
     .unwrap();
-    let vm = VarMap::new();
-    let model = Flux2Transformer2DModel::new(
-        &tcfg,
-        VarBuilder::from_varmap(&vm, DType::F32, &dev),
-        Quantization::None,
-    )
-    .unwrap();
+    let build = |vb: support::Weights| Flux2Transformer2DModel::new(&tcfg, vb, Quantization::None);
+    let model = build(support::plain_weights(DType::F32, &dev, build)).unwrap();
     let n = s.grid * s.grid;
     let x = Tensor::randn(0f32, 1.0, (1, n, 128), &dev).unwrap();
     let ctx = Tensor::randn(0f32, 1.0, (1, s.text, s.joint), &dev).unwrap();
@@ -81,9 +76,8 @@ fn bench(c: &mut Criterion) {
 
     let vcfg: AutoencoderKLFlux2Config =
         serde_json::from_value(serde_json::json!({ "block_out_channels": s.vae_blocks })).unwrap();
-    let vm2 = VarMap::new();
-    let vae =
-        AutoencoderKLFlux2::new(&vcfg, VarBuilder::from_varmap(&vm2, DType::F32, &dev)).unwrap();
+    let build = |vb: support::Weights| AutoencoderKLFlux2::new(&vcfg, vb);
+    let vae = build(support::plain_weights(DType::F32, &dev, build)).unwrap();
     let z = Tensor::randn(0f32, 1.0, (1, 32, s.latent, s.latent), &dev).unwrap();
     eprintln!(
         "candle flux2: D={} ({}+{} blocks), {n} image + {} text tokens; VAE {:?} decode {}x{} -> {}px; {} threads",

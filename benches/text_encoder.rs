@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+mod support;
 use criterion::{Criterion, criterion_group, criterion_main};
 use imagegen::flux2::Quantization;
 use imagegen::flux2::config::Qwen3Config;
@@ -30,18 +30,11 @@ fn bench(c: &mut Criterion) {
     }))
     .unwrap();
     let dev = Device::Cpu;
-    let varmap = VarMap::new();
     let outputs: Vec<usize> = (1..=3).map(|k| k * layers / 3).filter(|&k| k > 0).collect();
-    let enc = |q| {
-        Qwen3TextEncoder::with_options(
-            &cfg,
-            &outputs,
-            VarBuilder::from_varmap(&varmap, DType::F32, &dev),
-            seq,
-            q,
-        )
-        .unwrap()
-    };
+    let build =
+        |vb: support::Weights, q| Qwen3TextEncoder::with_options(&cfg, &outputs, vb, seq, q);
+    let weights = support::plain_weights(DType::F32, &dev, |vb| build(vb, Quantization::None));
+    let enc = |q| build(weights.clone(), q).unwrap();
     let real = seq.min(40);
     let ids: Vec<u32> = (0..seq as u32).map(|i| i % 4096).collect();
     let mask: Vec<u32> = (0..seq).map(|i| u32::from(i < real)).collect();

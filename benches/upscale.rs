@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+mod support;
 use criterion::{Criterion, criterion_group, criterion_main};
 use imagegen::upscale::rrdbnet::{RrdbConfig, RrdbNet};
 
@@ -23,12 +23,8 @@ fn bench(c: &mut Criterion) {
         None => 8,
     };
     let dev = Device::Cpu;
-    let varmap = VarMap::new();
-    let net = RrdbNet::new(
-        &RrdbConfig::x4plus(),
-        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
-    )
-    .unwrap();
+    let build = |vb: support::Weights| RrdbNet::new(&RrdbConfig::x4plus(), vb);
+    let net = build(support::plain_weights(DType::F32, &dev, build)).unwrap();
     let x = Tensor::rand(0f32, 1.0, (1, 3, size, size), &dev).unwrap();
     eprintln!(
         "candle x4plus forward, input {size}x{size}, {} threads",
