@@ -4,6 +4,9 @@
 #   docker build -t imagegen .                                  # H100/H200 kernels (sm_90a)
 #   docker build --build-arg CUDA_COMPUTE_CAP=80 -t imagegen .  # portable PTX: A100 … RTX 5090
 #   docker build --build-arg BAKE_REALESRGAN=true -t imagegen . # Real-ESRGAN x4plus inside
+#   docker build --build-arg CUDNN=1 \
+#     --build-arg CUDA_RUNTIME_IMAGE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04 -t imagegen .
+#                                                               # cuDNN convolutions (VAE, x4plus)
 #   docker build --secret id=hf_token,env=HF_TOKEN \
 #     --build-arg BAKE_MODEL=black-forest-labs/FLUX.2-klein-4B \
 #     --build-arg MODEL_ID=/opt/imagegen/model -t imagegen .    # model weights inside
@@ -22,9 +25,12 @@ RUN apt-get update \
 WORKDIR /src
 COPY . .
 ARG CUDA_COMPUTE_CAP=90
-RUN CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP}" CUDA_TARGET_DIR=/src/target-cuda CUDA_DIST=/src/dist \
-    scripts/build-cuda.sh \
-    && install -D -m 0755 "/src/dist/imagegen-cuda13.0-sm${CUDA_COMPUTE_CAP}" /out/bin/imagegen \
+# 1: the cuDNN-conv variant; the runtime image must then carry cuDNN 9 (CUDA_RUNTIME_IMAGE).
+ARG CUDNN=0
+RUN CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP}" CUDNN="${CUDNN}" CUDA_TARGET_DIR=/src/target-cuda \
+    CUDA_DIST=/src/dist scripts/build-cuda.sh \
+    && suffix="$([ "${CUDNN}" = 1 ] && echo -cudnn || true)" \
+    && install -D -m 0755 "/src/dist/imagegen-cuda13.0-sm${CUDA_COMPUTE_CAP}${suffix}" /out/bin/imagegen \
     && install -D -m 0644 /src/.venv-cuda/cuda-link/libcuda.so /out/ci-stub/libcuda.so.1
 
 # Optional weights, fetched at build time so the container starts without network access.
