@@ -678,11 +678,13 @@ impl BflBackend {
         let scale_name = self
             .scale_name(b)
             .ok_or_else(|| candle_core::Error::msg(format!("{b} has no fp8 scale")))?;
-        let raw = self.st.load(&format!("{}{b}", self.prefix), dev)?;
+        // Sliced on the host: copying fp8 rows on the GPU needs candle's fp8 copy kernel, which
+        // compute_80 builds lack (they have the fp8 casts, the only fp8 kernels used later).
+        let raw = self.st.load(&format!("{}{b}", self.prefix), &Device::Cpu)?;
         if raw.dtype() != DType::F8E4M3 {
             candle_core::bail!("{b} is {:?}, not F8E4M3", raw.dtype());
         }
-        let rows = src.select_rows(raw)?;
+        let rows = src.select_rows(raw)?.to_device(dev)?;
         if !want_scale {
             return Ok(rows);
         }
