@@ -171,6 +171,50 @@ impl CudaModel {
         }
     }
 
+    /// Lean GroupNorm statistics pass over an `x`-byte tensor: a chunk's f32 copy, centred
+    /// values and their squares.
+    fn gn_stats(&self, x: usize) -> usize {
+        3 * self.budget.norm_bytes.min(2 * x)
+    }
+
+    /// Lean rows per band of a k×k conv ci at output side `side`; `None` when one band covers
+    /// the image (then the plain op runs).
+    fn band_rows(&self, ci: usize, k: usize, side: usize) -> Option<usize> {
+        let row = t(ci, side) * k * k / side;
+        let rows = (self.budget.im2col_bytes / row).clamp(1, side);
+        (self.lean && rows < side).then_some(rows)
+    }
+
+    /// Lean `conv(SiLU(GroupNorm(x)))`, 3×3 stride 1 (`LeanConv2d::forward_norm_silu`): peak
+    /// extra bytes, output included. Phases: the statistics pass (before the output exists);
+    /// per band, the normalisation of its input rows (f32 copy, centred and divided, then bf16
+    /// normalised, scaled, shifted and SiLU: at most 6 band inputs in bf16 units); the conv.
+    fn conv_norm_silu(&self, ci: usize, co: usize, side: usize) -> usize {
+        let x = t(ci, side);
+        match self.band_rows(ci, 3, side) {
+            None => self
+                .gn_silu(x)
+                .max(x + self.conv(ci, co, 3, side, 1, false)),
+            Some(rows) => {
+                let band_in = (rows + 2) * x / side;
+                let y = t(co, side);
+                (self.gn_stats(x))
+                    .max(y + 6 * band_in)
+                    .max(self.conv(ci, co, 3, side, 1, false))
+            }
+        }
+    }
+
+    /// Lean `conv(x) + acc` for a 1×1 conv, banded sums written into `acc` in place
+    /// (`LeanConv2d::forward_add`): peak extra bytes beyond `acc`.
+    fn conv1x1_add(&self, ci: usize, co: usize, side: usize) -> usize {
+        let y = t(co, side);
+        match self.band_rows(ci, 1, side) {
+            None => self.conv(ci, co, 1, side, 1, false) + y,
+            Some(rows) => self.conv(ci, co, 1, side, 1, false) - y + rows * y / side,
+        }
+    }
+
     /// k×k conv ci → co with output side `side` (input side `side·stride`, or `side/2` fused
     /// upsampled): peak extra bytes, output included.
     fn conv(&self, ci: usize, co: usize, k: usize, side: usize, stride: usize, up2: bool) -> usize {
@@ -199,6 +243,19 @@ impl CudaModel {
     /// Resnet ci → co at `side`, input held by the caller: the peak over its ops.
     fn resnet(&self, ci: usize, co: usize, side: usize) -> usize {
         let (x, y) = (t(ci, side), t(co, side));
+        if self.lean {
+            // The normalised inputs exist per band only; conv1's output lives through conv2;
+            // the shortcut conv adds into conv2's output in place, the identity one allocates
+            // the sum.
+            let residual = if ci != co {
+                x + y + self.conv1x1_add(ci, co, side)
+            } else {
+                x + 2 * y
+            };
+            return (x + self.conv_norm_silu(ci, co, side))
+                .max(x + y + self.conv_norm_silu(co, co, side))
+                .max(residual);
+        }
         // Plain keeps GroupNorm's output and SiLU's output alive through the conv (temporaries
         // of one expression) and conv1's output through conv2 (a shadowed binding).
         let (n1, h1) = if self.lean { (x, 0) } else { (2 * x, y) };
@@ -230,8 +287,12 @@ impl CudaModel {
             c_prev = c;
         }
         let x = t(128, n);
-        peaks.push(x + self.gn_silu(x));
-        peaks.push(x + if self.lean { x } else { 2 * x } + self.conv(128, 3, 3, n, 1, false));
+        if self.lean {
+            peaks.push(x + self.conv_norm_silu(128, 3, n));
+        } else {
+            peaks.push(x + self.gn_silu(x));
+            peaks.push(x + 2 * x + self.conv(128, 3, 3, n, 1, false));
+        }
         peaks.into_iter().max().unwrap()
     }
 

@@ -122,15 +122,15 @@ impl Resnet {
 
 impl Module for Resnet {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Each full-size intermediate is dropped as soon as the next exists: at 1024² one is
-        // up to 512 MB in bf16.
-        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
-        let n = self.norm2.forward_silu(&h)?;
-        drop(h);
-        let h = self.conv2.forward(&n)?;
-        drop(n);
+        // At 1024² one full-size tensor is up to 512 MB in bf16: the normalised inputs exist
+        // only per conv band, each intermediate is dropped as soon as the next exists, and the
+        // shortcut conv adds into conv2's output in place.
+        let h = {
+            let h1 = self.conv1.forward_norm_silu(x, &self.norm1)?;
+            self.conv2.forward_norm_silu(&h1, &self.norm2)?
+        };
         match &self.shortcut {
-            Some(s) => s.forward(x)? + h,
+            Some(s) => s.forward_add(x, h),
             None => x + h,
         }
     }
@@ -305,7 +305,7 @@ impl Module for Encoder {
             }
         }
         let h = self.mid.forward(&h)?;
-        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
+        self.conv_out.forward_norm_silu(&h, &self.norm_out)
     }
 }
 
@@ -376,7 +376,7 @@ impl Module for Decoder {
                 h = u.forward_up2(&h)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
+        self.conv_out.forward_norm_silu(&h, &self.norm_out)
     }
 }
 

@@ -9,6 +9,8 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
+use super::LeanGroupNorm;
+
 /// Zero padding per side (the encoder's downsamplers pad only bottom and right).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pad {
@@ -118,13 +120,30 @@ impl LeanConv2d {
     /// The conv of `x` [B, C_in, H, W].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        self.run(x, h, w, false)
+        self.run(x, h, w, false, None, None)
+    }
+
+    /// The conv of `norm.forward_silu(x)`, without the full-size normalised tensor: the group
+    /// statistics come from one chunked pass over `x`, then each band normalises only the input
+    /// rows it reads. Same bands and the same element-wise ops as the unfused pair, so the same
+    /// values to the bit.
+    pub fn forward_norm_silu(&self, x: &Tensor, norm: &LeanGroupNorm) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        self.run(x, h, w, false, Some(norm), None)
+    }
+
+    /// `self.forward(x) + acc`. Banded, the sum is written into `acc`'s storage band by band
+    /// (no third full-size tensor), so `acc` must be a tensor no one else reads afterwards
+    /// (e.g. a conv output about to be shadowed).
+    pub fn forward_add(&self, x: &Tensor, acc: Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        self.run(x, h, w, false, None, Some(acc))
     }
 
     /// The conv of `x` upsampled 2× (nearest), without materialising the upsampled tensor.
     pub fn forward_up2(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        self.run(x, 2 * h, 2 * w, true)
+        self.run(x, 2 * h, 2 * w, true, None, None)
     }
 
     /// Output rows per band so one band's im2col stays within budget (at least one row).
@@ -135,8 +154,17 @@ impl LeanConv2d {
         Ok((self.im2col_bytes / row_bytes.max(1)).clamp(1, h_out.max(1)))
     }
 
-    /// `h`, `w`: the (virtual, if `up2`) input size the conv sees.
-    fn run(&self, x: &Tensor, h: usize, w: usize, up2: bool) -> Result<Tensor> {
+    /// `h`, `w`: the (virtual, if `up2`) input size the conv sees; `norm`: SiLU(GroupNorm) applied
+    /// to the input first; `acc`: added to the output (in place when banded).
+    fn run(
+        &self,
+        x: &Tensor,
+        h: usize,
+        w: usize,
+        up2: bool,
+        norm: Option<&LeanGroupNorm>,
+        acc: Option<Tensor>,
+    ) -> Result<Tensor> {
         let (k, s, p) = (self.k(), self.stride, self.pad);
         let (hp, wp) = (p.top + h + p.bottom, p.left + w + p.right);
         if hp < k || wp < k {
@@ -144,17 +172,34 @@ impl LeanConv2d {
         }
         let (h_out, w_out) = ((hp - k) / s + 1, (wp - k) / s + 1);
         let rows = self.band_rows(x, h_out, w_out)?;
-        if rows >= h_out {
-            let x = if up2 {
-                x.upsample_nearest2d(h, w)?
-            } else {
-                x.clone()
-            };
-            return self.plain(&x);
+        if up2 && norm.is_some() {
+            candle_core::bail!("LeanConv2d: no fused GroupNorm with the fused upsample");
         }
+        if rows >= h_out {
+            let x = match (up2, norm) {
+                (true, _) => x.upsample_nearest2d(h, w)?,
+                (false, Some(norm)) => norm.forward_silu(x)?,
+                (false, None) => x.clone(),
+            };
+            let y = self.plain(&x)?;
+            return match acc {
+                Some(acc) => y + acc,
+                None => Ok(y),
+            };
+        }
+        let stats = norm.map(|n| n.stats(x)).transpose()?;
         let (b, _, _, _) = x.dims4()?;
         let c_out = self.weight.dims()[0];
-        let out = Tensor::zeros((b, c_out, h_out, w_out), x.dtype(), x.device())?;
+        let add = acc.is_some();
+        let out = match acc {
+            Some(acc) => {
+                if acc.dims() != [b, c_out, h_out, w_out] || !acc.is_contiguous() {
+                    candle_core::bail!("LeanConv2d: cannot add {:?} in place", acc.dims());
+                }
+                acc
+            }
+            None => Tensor::zeros((b, c_out, h_out, w_out), x.dtype(), x.device())?,
+        };
         for r0 in (0..h_out).step_by(rows) {
             let r1 = (r0 + rows).min(h_out);
             // Padded-input rows [lo, hi) feed output rows [r0, r1); shift to unpadded rows.
@@ -168,6 +213,10 @@ impl LeanConv2d {
                 } else {
                     x.narrow(2, src_lo, src_hi - src_lo)?
                 };
+                let src = match (norm, &stats) {
+                    (Some(norm), Some(stats)) => norm.silu_rows(stats, &src)?,
+                    _ => src,
+                };
                 let (top, bottom) = (
                     (src_lo as isize - lo) as usize,
                     (hi - src_hi as isize) as usize,
@@ -177,10 +226,16 @@ impl LeanConv2d {
             };
             let y = self.add_bias(band.conv2d(&self.weight, 0, s, 1, 1)?)?;
             drop(band);
-            match self.leaky_relu {
-                Some(slope) => out.slice_set(&leaky_relu_lean(&y, slope)?, 2, r0)?,
-                None => out.slice_set(&y, 2, r0)?,
-            }
+            let y = match self.leaky_relu {
+                Some(slope) => leaky_relu_lean(&y, slope)?,
+                None => y,
+            };
+            let y = if add {
+                (y + out.narrow(2, r0, r1 - r0)?)?
+            } else {
+                y
+            };
+            out.slice_set(&y, 2, r0)?;
         }
         Ok(out)
     }
@@ -445,6 +500,93 @@ pub(crate) mod tests {
             assert!(
                 d.max(d_up) <= 1e-6,
                 "{rows} rows/band: max |Δ| {d}, up2 {d_up}"
+            );
+        }
+        Ok(())
+    }
+
+    fn bits(t: &Tensor) -> Result<Vec<u32>> {
+        Ok(t.to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect())
+    }
+
+    /// Fused SiLU(GroupNorm) + conv against `LeanGroupNorm::forward_silu` then
+    /// `LeanConv2d::forward` with the same budgets: f32 and f16 (candle's CPU matmul has no
+    /// bf16; the bf16 normalisation is checked in group_norm's tests), batch 2, every band size from
+    /// one row to the whole image minus one, GroupNorm statistics in one chunk and in
+    /// one-group chunks, uniform and asymmetric padding, stride 1 and 2. Bitwise equal: the
+    /// bands see the same rows, and every element goes through the same element-wise ops.
+    #[test]
+    fn fused_group_norm_silu_conv_is_bitwise_unfused() -> Result<()> {
+        let (groups, c_in, c_out) = (3, 6, 5);
+        let mut checked = 0;
+        for dtype in [DType::F32, DType::F16] {
+            for (i, c) in cases().into_iter().enumerate() {
+                let x = ((randn(&[2, c_in, c.h, c.w], 300 + i as u64)? * 3.0)? + 0.7)?;
+                let x = x.to_dtype(dtype)?;
+                let wgt = randn(&[c_out, c_in, c.k, c.k], 400 + i as u64)?.to_dtype(dtype)?;
+                let bias = randn(&[c_out], 500 + i as u64)?.to_dtype(dtype)?;
+                let gw = randn(&[c_in], 600 + i as u64)?.to_dtype(dtype)?;
+                let gb = randn(&[c_in], 700 + i as u64)?.to_dtype(dtype)?;
+                let conv = LeanConv2d::new(wgt, Some(bias), c.stride, c.pad, usize::MAX)?;
+                let (_, _, h_out, w_out) = conv.forward(&x)?.dims4()?;
+                let group_bytes = x.elem_count() / groups * 4;
+                for norm_bytes in [usize::MAX, group_bytes] {
+                    let gn = LeanGroupNorm::new(gw.clone(), gb.clone(), groups, 1e-6, norm_bytes)?;
+                    let n = gn.forward_silu(&x)?;
+                    for rows in 1..=h_out {
+                        let budget = match rows {
+                            r if r == h_out => usize::MAX,
+                            r => {
+                                budget_for_rows(&x, c_in, c.k, w_out, r) / 4 * dtype.size_in_bytes()
+                            }
+                        };
+                        let lean = conv.clone().with_budget(budget);
+                        let want = lean.forward(&n)?;
+                        let got = lean.forward_norm_silu(&x, &gn)?;
+                        assert_eq!(got.dims(), want.dims());
+                        assert!(
+                            bits(&got)? == bits(&want)?,
+                            "{dtype:?}, case {i}, norm budget {norm_bytes}, {rows} rows/band"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 100);
+        Ok(())
+    }
+
+    /// `forward_add` (in place per band) against `forward(x) + acc`, bitwise, every band size.
+    #[test]
+    fn banded_conv_add_is_bitwise_conv_plus_acc() -> Result<()> {
+        for dtype in [DType::F32, DType::F16] {
+            let x = randn(&[2, 4, 7, 5], 50)?.to_dtype(dtype)?;
+            let wgt = randn(&[3, 4, 1, 1], 51)?.to_dtype(dtype)?;
+            let bias = randn(&[3], 52)?.to_dtype(dtype)?;
+            let acc = randn(&[2, 3, 7, 5], 53)?.to_dtype(dtype)?;
+            let conv = LeanConv2d::new(wgt, Some(bias), 1, Pad::uniform(0), usize::MAX)?;
+            for rows in 1..=7 {
+                let budget = match rows {
+                    7 => usize::MAX,
+                    r => budget_for_rows(&x, 4, 1, 5, r) / 4 * dtype.size_in_bytes(),
+                };
+                let lean = conv.clone().with_budget(budget);
+                let want = (lean.forward(&x)? + &acc)?;
+                let got = lean.forward_add(&x, acc.copy()?)?;
+                assert!(bits(&got)? == bits(&want)?, "{dtype:?}, {rows} rows/band");
+            }
+            let wrong = Tensor::zeros((2, 3, 6, 5), dtype, &Device::Cpu)?;
+            assert!(
+                conv.clone()
+                    .with_budget(budget_for_rows(&x, 4, 1, 5, 2))
+                    .forward_add(&x, wrong)
+                    .is_err()
             );
         }
         Ok(())

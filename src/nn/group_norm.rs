@@ -76,13 +76,8 @@ impl LeanGroupNorm {
     }
 
     fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        self.check(x)?;
         let dims = x.dims();
-        if dims.len() < 3 || dims[1] != self.channels {
-            candle_core::bail!(
-                "LeanGroupNorm: expected [B, {}, ...], got {dims:?}",
-                self.channels
-            );
-        }
         let gc = self.chunk_groups(x);
         if gc >= self.groups {
             let y = self.plain.forward(x)?;
@@ -103,15 +98,72 @@ impl LeanGroupNorm {
         out.reshape(dims)
     }
 
+    /// Per-group mean and `sqrt(var + eps)` of `x` [B, C, ...], chunk by chunk with exactly
+    /// the ops of [`Self::forward`], for normalising slices of `x` later
+    /// ([`Self::silu_rows`]) without the full-size normalised tensor.
+    pub fn stats(&self, x: &Tensor) -> Result<GroupNormStats> {
+        self.check(x)?;
+        let b = x.dims()[0];
+        let hidden = x.elem_count() / (b * self.groups);
+        let xg = x.reshape((b, self.groups, hidden))?;
+        let gc = self.chunk_groups(x);
+        let (mut means, mut denoms) = (Vec::new(), Vec::new());
+        for g0 in (0..self.groups).step_by(gc) {
+            let n = gc.min(self.groups - g0);
+            let xc = xg.narrow(1, g0, n)?.contiguous()?;
+            let x = xc.to_dtype(internal_dtype(xc.dtype()))?;
+            let mean_x = (x.sum_keepdim(2)? / hidden as f64)?;
+            let x = x.broadcast_sub(&mean_x)?;
+            let norm_x = (x.sqr()?.sum_keepdim(2)? / hidden as f64)?;
+            denoms.push((norm_x + self.eps)?.sqrt()?);
+            means.push(mean_x);
+        }
+        Ok(GroupNormStats {
+            mean: Tensor::cat(&means, 1)?,
+            denom: Tensor::cat(&denoms, 1)?,
+        })
+    }
+
+    /// SiLU(GroupNorm(x)) of `rows` [B, C, r, W], a slice of rows of the `x` whose `stats` are
+    /// given: every element goes through the same element-wise ops as in
+    /// [`Self::forward_silu`], so the values are the same to the bit.
+    pub fn silu_rows(&self, stats: &GroupNormStats, rows: &Tensor) -> Result<Tensor> {
+        self.check(rows)?;
+        let dims = rows.dims();
+        let b = dims[0];
+        let x_dtype = rows.dtype();
+        let x_normed = {
+            let x = rows.to_dtype(internal_dtype(x_dtype))?;
+            let x = x.reshape((b, self.groups, x.elem_count() / (b * self.groups)))?;
+            x.broadcast_sub(&stats.mean)?.broadcast_div(&stats.denom)?
+        };
+        let mut w_dims = vec![1; dims.len()];
+        w_dims[1] = self.channels;
+        x_normed
+            .to_dtype(x_dtype)?
+            .reshape(dims)?
+            .broadcast_mul(&self.weight.reshape(w_dims.as_slice())?)?
+            .broadcast_add(&self.bias.reshape(w_dims.as_slice())?)?
+            .silu()
+    }
+
+    fn check(&self, x: &Tensor) -> Result<()> {
+        let dims = x.dims();
+        if dims.len() < 3 || dims[1] != self.channels {
+            candle_core::bail!(
+                "LeanGroupNorm: expected [B, {}, ...], got {dims:?}",
+                self.channels
+            );
+        }
+        Ok(())
+    }
+
     /// candle_nn's GroupNorm op for op on `xc` [B, n, hidden] (groups starting at channel `c0`),
     /// so the result is the same to the bit.
     fn chunk(&self, xc: &Tensor, c0: usize, spatial: usize) -> Result<Tensor> {
         let (b, n, hidden) = xc.dims3()?;
         let x_dtype = xc.dtype();
-        let internal = match x_dtype {
-            DType::F16 | DType::BF16 => DType::F32,
-            d => d,
-        };
+        let internal = internal_dtype(x_dtype);
         // Scoped so the f32 copy and the centred values are freed as soon as they are used.
         let x_normed = {
             let x = {
@@ -133,6 +185,22 @@ impl LeanGroupNorm {
     }
 }
 
+/// The per-group statistics of one input (from [`LeanGroupNorm::stats`]), `[B, G, 1]` each in
+/// the f32 (or wider) dtype GroupNorm computes in.
+#[derive(Debug, Clone)]
+pub struct GroupNormStats {
+    mean: Tensor,
+    denom: Tensor,
+}
+
+/// candle_nn's GroupNorm computes half-precision inputs in f32.
+fn internal_dtype(x: DType) -> DType {
+    match x {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,7 +216,8 @@ mod tests {
     }
 
     /// Every chunk size (1 group to all but one, uneven last chunks included), with and without
-    /// SiLU, f32 and bf16, batch 2, against candle_nn's GroupNorm (+ silu).
+    /// SiLU, f32 and bf16, batch 2, against candle_nn's GroupNorm (+ silu); and the statistics
+    /// pass plus per-row-slice normalisation the fused conv uses, bitwise, on several slices.
     #[test]
     fn chunked_group_norm_equals_candle_group_norm() -> Result<()> {
         let randn = crate::nn::conv::tests::randn;
@@ -171,6 +240,27 @@ mod tests {
                 let ds = max_diff(&lean.forward_silu(&x)?, &want_silu)?;
                 // Same ops on the same group data: identical, not merely close.
                 assert_eq!((d, ds), (0.0, 0.0), "{dtype:?}, {gc} groups/chunk");
+            }
+            // Statistics (any chunking) then any slice of rows: the same rows, to the bit.
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                Ok(t.to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect())
+            };
+            for gc in 1..=groups {
+                let lean = gn.clone().with_budget(gc * group_bytes);
+                let stats = lean.stats(&x)?;
+                for (r0, n) in [(0, 5), (0, 1), (2, 1), (1, 3), (4, 1)] {
+                    let got = lean.silu_rows(&stats, &x.narrow(2, r0, n)?)?;
+                    let want = want_silu.narrow(2, r0, n)?;
+                    assert!(
+                        bits(&got)? == bits(&want)?,
+                        "{dtype:?}, {gc} groups/chunk, rows {r0}+{n}"
+                    );
+                }
             }
         }
         Ok(())
