@@ -505,7 +505,8 @@ pub(crate) mod tests {
         Ok(())
     }
 
-    fn bits(t: &Tensor) -> Result<Vec<u32>> {
+    /// The f32 bit patterns of `t`, for bitwise comparisons.
+    pub(crate) fn bits(t: &Tensor) -> Result<Vec<u32>> {
         Ok(t.to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?

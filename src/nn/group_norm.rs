@@ -204,6 +204,7 @@ fn internal_dtype(x: DType) -> DType {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::conv::tests::bits;
     use candle_core::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -242,14 +243,6 @@ mod tests {
                 assert_eq!((d, ds), (0.0, 0.0), "{dtype:?}, {gc} groups/chunk");
             }
             // Statistics (any chunking) then any slice of rows: the same rows, to the bit.
-            let bits = |t: &Tensor| -> Result<Vec<u32>> {
-                Ok(t.to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect())
-            };
             for gc in 1..=groups {
                 let lean = gn.clone().with_budget(gc * group_bytes);
                 let stats = lean.stats(&x)?;
