@@ -16,7 +16,8 @@ use imagegen::upscale::rrdbnet::{RrdbConfig, RrdbNet};
 
 #[path = "../tests/common/meter.rs"]
 mod meter;
-use meter::{Meter, mib, peak_above_live, random_weights};
+use meter::{Meter, mib, peak_above_live};
+mod support;
 
 #[global_allocator]
 static GLOBAL: Meter = Meter;
@@ -85,7 +86,7 @@ fn main() {
     print_cuda_estimate(lean_budget);
 
     let cfg: AutoencoderKLFlux2Config = serde_json::from_value(serde_json::json!({})).unwrap();
-    let w = random_weights(DType::F32, |vb| {
+    let w = support::plain_tensors(DType::F32, &Device::Cpu, |vb| {
         AutoencoderKLFlux2::new(&cfg, vb).map(|_| ())
     })
     .unwrap();
@@ -110,7 +111,10 @@ fn main() {
     // [1, 64, 276, 276] through the ×4 head (conv_up1, conv_up2 at 552² and 1104², conv_hr,
     // conv_last). The 23-block trunk runs at 276² and is untouched by the lean layers.
     let rcfg = RrdbConfig::x4plus();
-    let w = random_weights(DType::F32, |vb| RrdbNet::new(&rcfg, vb).map(|_| ())).unwrap();
+    let w = support::plain_tensors(DType::F32, &Device::Cpu, |vb| {
+        RrdbNet::new(&rcfg, vb).map(|_| ())
+    })
+    .unwrap();
     let rrdb = |lean| {
         let vb = VarBuilder::from_tensors(w.clone(), DType::F32, &dev);
         RrdbNet::with_budget(&rcfg, vb, lean).unwrap()

@@ -17,7 +17,9 @@ mod common;
 #[path = "common/meter.rs"]
 mod meter;
 use common::{max_abs, max_abs_diff};
-use meter::{Meter, mib, peak_above_live, random_weights};
+use meter::{Meter, mib, peak_above_live};
+#[path = "../benches/support/mod.rs"]
+mod support;
 
 #[global_allocator]
 static GLOBAL: Meter = Meter;
@@ -37,7 +39,7 @@ fn small_vae_config() -> AutoencoderKLFlux2Config {
 fn lean_vae_peaks_are_bounded_and_outputs_match() {
     let cfg = small_vae_config();
     let dev = Device::Cpu;
-    let weights = random_weights(DType::F32, |vb| {
+    let weights = support::plain_tensors(DType::F32, &Device::Cpu, |vb| {
         AutoencoderKLFlux2::new(&cfg, vb).map(|_| ())
     })
     .unwrap();

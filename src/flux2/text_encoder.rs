@@ -237,18 +237,9 @@ impl Qwen3TextEncoder {
         Self::with_options(cfg, &OUTPUT_LAYERS, vb, max_len, quant)
     }
 
-    /// `output_layers` are HF `hidden_states` indices (0 = embeddings, k = after layer k).
-    /// `max_len` bounds the sequence length (RoPE table size).
-    pub fn with_output_layers(
-        cfg: &Qwen3Config,
-        output_layers: &[usize],
-        vb: VarBuilder,
-        max_len: usize,
-    ) -> Result<Self> {
-        Self::with_options(cfg, output_layers, vb, max_len, Quantization::None)
-    }
-
-    /// The general constructor: output layers and the projections' storage.
+    /// The general constructor: `output_layers` are HF `hidden_states` indices (0 = embeddings,
+    /// k = after layer k), `max_len` bounds the sequence length (RoPE table size), `quant` the
+    /// projections' storage.
     pub fn with_options(
         cfg: &Qwen3Config,
         output_layers: &[usize],
@@ -314,14 +305,8 @@ impl Qwen3TextEncoder {
         qs.all(|q| q == first).then_some(first)
     }
 
-    /// Bytes of the embedding table, which lives in host memory whatever the device.
-    pub fn embedding_bytes(&self) -> usize {
-        let t = self.embed_tokens.embeddings();
-        t.elem_count() * t.dtype().size_in_bytes()
-    }
-
     /// Bytes of every weight held: embeddings and norms in the compute dtype, projections as
-    /// stored. All but [`Self::embedding_bytes`] are on the compute device.
+    /// stored. All but the embedding table (in host memory) are on the compute device.
     pub fn weight_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let mut n = bytes(self.embed_tokens.embeddings());

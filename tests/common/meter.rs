@@ -5,11 +5,7 @@
 #![allow(dead_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-
-use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::{VarBuilder, VarMap};
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
@@ -64,22 +60,6 @@ pub fn peak_above_live<T>(f: impl FnOnce() -> T) -> (T, usize) {
     PEAK.store(base, Ordering::Relaxed);
     let out = f();
     (out, PEAK.load(Ordering::Relaxed) - base)
-}
-
-/// Random weights for whatever `build` loads, as plain (non-variable) tensors: weights straight
-/// from a `VarMap` are variables, and ops on variables record their inputs for backprop, which
-/// would keep every activation alive and falsify the measurement.
-pub fn random_weights(
-    dtype: DType,
-    build: impl FnOnce(VarBuilder) -> Result<()>,
-) -> Result<HashMap<String, Tensor>> {
-    let vm = VarMap::new();
-    build(VarBuilder::from_varmap(&vm, dtype, &Device::Cpu))?;
-    let data = vm.data().lock().unwrap();
-    Ok(data
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect())
 }
 
 pub fn mib(b: usize) -> f64 {
