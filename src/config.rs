@@ -62,6 +62,13 @@ pub struct ServeArgs {
           value_parser = crate::flux2::quant::parse_text_encoder_quantization)]
     pub text_encoder_quantization: Option<Quantization>,
 
+    /// Attention backend: `auto` (self-check the compiled fused backends at model load, use the
+    /// fastest that passes, else `naive`), `naive`, or a backend name (refuses to start if that
+    /// backend is absent or fails its self-check).
+    #[arg(long, env = "ATTENTION", default_value = "auto",
+          value_parser = crate::flux2::attention::parse_attention)]
+    pub attention: crate::flux2::attention::AttentionChoice,
+
     /// Compute device.
     #[arg(long, env = "DEVICE", value_enum, default_value_t = DeviceKind::Auto)]
     pub device: DeviceKind,

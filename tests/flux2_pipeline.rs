@@ -23,6 +23,7 @@ fn opts(model: &Path) -> LoadOptions {
         device: Device::Cpu,
         dtype: DType::F32,
         hf_token: None,
+        attention: Default::default(),
     }
 }
 

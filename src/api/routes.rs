@@ -69,6 +69,7 @@ pub async fn health(State(app): State<Arc<AppState>>) -> Json<HealthResponse> {
         queue_depth: state.queue_depth(),
         queue_capacity: state.queue_capacity(),
         error: state.model_error(),
+        attention: state.attention(),
     })
 }
 
@@ -128,6 +129,10 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
             (model == ModelStatus::Loaded) as u8 as f64,
         ),
     ]);
+    let text = match state.attention() {
+        Some(report) => text + &crate::flux2::attention::report_metrics(&report),
+        None => text,
+    };
     (
         [(
             header::CONTENT_TYPE,

@@ -167,6 +167,9 @@ pub struct HealthResponse {
     pub queue_capacity: usize,
     /// Why the model is not loaded, when its load failed.
     pub error: Option<String>,
+    /// Attention backend the DiT uses and each candidate's load-time self-check (ok, time,
+    /// max error, why not used); absent until the model has loaded.
+    pub attention: Option<crate::flux2::attention::AttentionReport>,
 }
 
 /// `GET /`.

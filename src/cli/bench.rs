@@ -55,6 +55,13 @@ pub struct BenchArgs {
           value_parser = crate::flux2::quant::parse_text_encoder_quantization)]
     pub text_encoder_quantization: Option<Quantization>,
 
+    /// Attention backend: `auto` (self-check the compiled fused backends at model load, use the
+    /// fastest that passes, else `naive`), `naive`, or a backend name (refuses to start if that
+    /// backend is absent or fails its self-check).
+    #[arg(long, env = "ATTENTION", default_value = "auto",
+          value_parser = crate::flux2::attention::parse_attention)]
+    pub attention: crate::flux2::attention::AttentionChoice,
+
     /// Compute device.
     #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
     pub device: DeviceKind,
@@ -136,6 +143,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         warmup: args.warmup,
         runs: args.runs,
         started_at: now_rfc3339(),
+        attention: None,
         cases: vec![],
     };
 
@@ -156,6 +164,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             return finish(&args, &report);
         }
     };
+    let attention = pipeline.attention_report();
+    eprintln!(
+        "attention: {} (requested {}; {})",
+        attention.selected,
+        attention.requested,
+        serde_json::to_string(attention)?
+    );
+    report.attention = Some(attention.clone());
     if let Some((tensors, params)) = fabricated {
         eprintln!("RANDOM WEIGHTS: fabricated {tensors} tensors, {params} parameters");
     }
@@ -244,6 +260,7 @@ fn load_pipeline(args: &BenchArgs, device: &Device, dtype: DType) -> anyhow::Res
         device: device.clone(),
         dtype,
         hf_token: crate::flux2::weights::hf_token_from_env(),
+        attention: args.attention.clone(),
     };
     let Some(spec) = &args.random_weights else {
         return Ok((Flux2Pipeline::load(&opts)?, None));

@@ -50,6 +50,13 @@ pub struct GenerateArgs {
     #[arg(long, env = "TEXT_ENCODER_QUANTIZATION",
           value_parser = crate::flux2::quant::parse_text_encoder_quantization)]
     pub text_encoder_quantization: Option<Quantization>,
+
+    /// Attention backend: `auto` (self-check the compiled fused backends at model load, use the
+    /// fastest that passes, else `naive`), `naive`, or a backend name (refuses to start if that
+    /// backend is absent or fails its self-check).
+    #[arg(long, env = "ATTENTION", default_value = "auto",
+          value_parser = crate::flux2::attention::parse_attention)]
+    pub attention: crate::flux2::attention::AttentionChoice,
     /// Output PNG.
     #[arg(long)]
     pub output: PathBuf,
@@ -103,7 +110,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         device: device.clone(),
         dtype,
         hf_token: hf_token_from_env(),
+        attention: args.attention.clone(),
     })?;
+    eprintln!(
+        "attention: {}",
+        serde_json::to_string(pipeline.attention_report())?
+    );
     eprintln!(
         "loaded {} on {:?} ({:?}; transformer {}, text encoder {}) in {:.1}s",
         pipeline.model_id(),

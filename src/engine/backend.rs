@@ -65,6 +65,12 @@ pub trait ImageBackend: Send + 'static {
         refs: Option<&Self::References>,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<RgbImage, EngineError>;
+
+    /// The attention backend chosen at load and each candidate's self-check (None: the backend
+    /// has no attention, as in tests).
+    fn attention_report(&self) -> Option<crate::flux2::attention::AttentionReport> {
+        None
+    }
 }
 
 /// Builds the upscaler when a request needs it; it is dropped when that request is done, so its

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use backend::{EngineError, ImageBackend, ItemParams, NoUpscaler, Upscale, UpscaleBackend};
 
+use crate::flux2::attention::AttentionReport;
 use crate::telemetry::Metrics;
 
 /// Where the FLUX model is in its life.
@@ -32,6 +33,8 @@ pub enum ModelStatus {
 pub struct EngineState {
     model: AtomicU8,
     model_error: Mutex<Option<String>>,
+    /// Set once the model has loaded.
+    attention: Mutex<Option<AttentionReport>>,
     waiting: AtomicUsize,
     capacity: usize,
     busy: AtomicBool,
@@ -45,6 +48,7 @@ impl EngineState {
         Self {
             model: AtomicU8::new(ModelStatus::NotLoaded as u8),
             model_error: Mutex::new(None),
+            attention: Mutex::new(None),
             waiting: AtomicUsize::new(0),
             capacity,
             busy: AtomicBool::new(false),
@@ -69,6 +73,18 @@ impl EngineState {
 
     pub fn model_error(&self) -> Option<String> {
         self.model_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_attention(&self, report: Option<AttentionReport>) {
+        *self.attention.lock().unwrap_or_else(|p| p.into_inner()) = report;
+    }
+
+    /// The attention backend the loaded model uses and its self-check results.
+    pub fn attention(&self) -> Option<AttentionReport> {
+        self.attention
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()

@@ -6,6 +6,7 @@ use image::RgbImage;
 use super::{BackendLoader, EngineError, ImageBackend, ItemParams, Upscale, UpscaleBackend};
 use crate::config::ServeArgs;
 use crate::device::default_dtype;
+use crate::flux2::attention::AttentionReport;
 use crate::flux2::pipeline::{
     Flux2Error, Flux2Pipeline, GenerateParams, LoadOptions, ReferenceLatents,
 };
@@ -20,7 +21,7 @@ impl From<Flux2Error> for EngineError {
             }
             Flux2Error::ModelFiles(_) | Flux2Error::Tokenizer(_) => EngineError::ModelFiles(msg),
             Flux2Error::Cancelled => EngineError::Cancelled,
-            Flux2Error::Candle(_) => EngineError::Device(msg),
+            Flux2Error::Candle(_) | Flux2Error::Attention(_) => EngineError::Device(msg),
         }
     }
 }
@@ -61,6 +62,10 @@ impl ImageBackend for Flux {
         );
         Ok(out.image)
     }
+
+    fn attention_report(&self) -> Option<AttentionReport> {
+        Some(self.pipeline.attention_report().clone())
+    }
 }
 
 /// Loads the configured model on the worker thread (the token is passed, never logged).
@@ -72,6 +77,7 @@ pub fn flux_loader(args: &ServeArgs, device: &Device) -> Option<BackendLoader<Fl
         device: device.clone(),
         dtype: default_dtype(device),
         hf_token: args.token(),
+        attention: args.attention.clone(),
     };
     Some(Box::new(move || {
         tracing::info!(
@@ -79,6 +85,7 @@ pub fn flux_loader(args: &ServeArgs, device: &Device) -> Option<BackendLoader<Fl
             quantization = %opts.quantization,
             text_encoder_quantization = %opts.text_encoder_quantization,
             dtype = ?opts.dtype,
+            attention = %opts.attention,
             "Loading FLUX model"
         );
         Ok(Flux {

@@ -36,6 +36,7 @@ pub(super) fn run<B: ImageBackend, U: UpscaleBackend>(
         tracing::info!("loading FLUX model");
         match catch_unwind(AssertUnwindSafe(load)) {
             Ok(Ok(b)) => {
+                state.set_attention(b.attention_report());
                 backend = Some(b);
                 state.set_model(ModelStatus::Loaded, None);
                 tracing::info!(

@@ -2,6 +2,7 @@
 //!
 //! Module names mirror the diffusers components; `VarBuilder` paths mirror checkpoint names.
 
+pub mod attention;
 pub mod config;
 mod layers;
 pub mod pipeline;

@@ -8,11 +8,15 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
 use super::Quantization;
+use super::attention::{
+    AttentionChoice, AttentionError, AttentionReport, CheckPlan, compiled_backends,
+    model_check_shapes, select,
+};
 use super::reference::{self, ReferenceError};
 use super::rng;
 use super::scheduler;
 use super::text_encoder::{PromptEncoder, PromptEncoderError};
-use super::tokenizer::TokenizerError;
+use super::tokenizer::{MAX_LENGTH, TokenizerError};
 use super::transformer::{Flux2Transformer2DModel, Flux2TransformerConfig};
 use super::vae::{AutoencoderKLFlux2, AutoencoderKLFlux2Config, pack, unpack};
 use super::weights::{ModelFiles, WeightsError, transformer_var_builder};
@@ -21,6 +25,9 @@ use super::weights::{ModelFiles, WeightsError, transformer_var_builder};
 pub const MAX_SIDE: u32 = 4096;
 /// Position-id spacing of reference images on the T axis (diffusers `scale=10`).
 const REF_T_SCALE: f32 = 10.0;
+/// Timed calls per shape in the attention self-check: enough to see a 2× difference through
+/// launch noise, few enough that the check at the largest size costs seconds, not minutes.
+const ATTENTION_CHECK_ITERS: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Flux2Error {
@@ -37,6 +44,9 @@ pub enum Flux2Error {
     Tokenizer(#[from] TokenizerError),
     #[error("cancelled")]
     Cancelled,
+    /// The requested attention backend is absent or failed its load-time self-check.
+    #[error(transparent)]
+    Attention(#[from] AttentionError),
     /// Tensor or device failure (out of memory, CUDA error, shape bug).
     #[error("model/device error: {0}")]
     Candle(#[from] candle_core::Error),
@@ -83,6 +93,8 @@ pub struct LoadOptions {
     /// bf16 on CUDA, f32 on CPU (the VAE always runs f32 on CPU: candle has no bf16 CPU conv).
     pub dtype: DType,
     pub hf_token: Option<String>,
+    /// Attention backend (`ATTENTION`): `auto` self-checks the compiled fused backends at load.
+    pub attention: AttentionChoice,
 }
 
 /// One generation request.
@@ -146,6 +158,8 @@ pub struct Flux2Pipeline {
     text: PromptEncoder,
     transformer: Flux2Transformer2DModel,
     vae: AutoencoderKLFlux2,
+    /// Outcome of the load-time attention self-check.
+    attention: AttentionReport,
     device: Device,
     dtype: DType,
     /// Embeddings of the empty prompt, CFG's negative: the same for every request, so encoded
@@ -258,7 +272,20 @@ impl Flux2Pipeline {
             .into());
         }
         let (tvb, _format) = transformer_var_builder(files, dtype, &device)?;
-        let transformer = Flux2Transformer2DModel::new(&tcfg, tvb, opts.quantization)?;
+        let mut transformer = Flux2Transformer2DModel::new(&tcfg, tvb, opts.quantization)?;
+        let plan = CheckPlan {
+            shapes: model_check_shapes(
+                tcfg.num_attention_heads,
+                tcfg.attention_head_dim,
+                MAX_LENGTH,
+                MAX_SIDE,
+            ),
+            dtype,
+            iters: ATTENTION_CHECK_ITERS,
+        };
+        let (attention, attention_report) =
+            select(&opts.attention, &compiled_backends(), &plan, &device)?;
+        transformer.set_attention(attention);
         let vvb = files.component_var_builder("vae", vae_dtype(&device, dtype), &device)?;
         let vae = AutoencoderKLFlux2::new(&vcfg, vvb)?;
         if 4 * vcfg.latent_channels != tcfg.in_channels {
@@ -278,6 +305,7 @@ impl Flux2Pipeline {
             text,
             transformer,
             vae,
+            attention: attention_report,
             device,
             dtype,
             empty_prompt: OnceLock::new(),
@@ -295,6 +323,11 @@ impl Flux2Pipeline {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Which attention backend the DiT uses and how each candidate did in the self-check.
+    pub fn attention_report(&self) -> &AttentionReport {
+        &self.attention
     }
 
     /// Pixels per latent token side (16 for FLUX.2: VAE ×8 and the 2×2 patchify).

@@ -7,7 +7,8 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::layers::{RmsNorm, chunked_attention_prescaled};
+use super::attention::Attention;
+use super::layers::RmsNorm;
 use super::quant::{QLinear, Quantization, linear_no_bias};
 
 fn default_patch() -> usize {
@@ -210,7 +211,7 @@ impl Rope {
     }
 
     /// [`Self::apply`] for queries: also multiplies by the attention's 1/√d while still in f32,
-    /// so [`attention`] never has to scale the (much larger) score matrix.
+    /// so [`Attention::forward`] never has to scale the (much larger) score matrix.
     fn apply_query(&self, x: &Tensor) -> Result<Tensor> {
         let d = x.dim(3)?;
         (self.rotate_f32(x)? * (1.0 / (d as f64).sqrt()))?.to_dtype(x.dtype())
@@ -219,20 +220,6 @@ impl Rope {
     fn rotate_f32(&self, x: &Tensor) -> Result<Tensor> {
         candle_nn::rotary_emb::rope_i(&x.to_dtype(DType::F32)?.contiguous()?, &self.cos, &self.sin)
     }
-}
-
-/// Most attention-score elements materialised at once (query rows are chunked beyond this):
-/// 2^27 bf16 scores are 256 MiB, plus as much again for the softmax. Chunks stay large GEMMs: at
-/// 1024² (24 heads × 4608 keys) a chunk is ~1200 query rows.
-const MAX_SCORES: usize = 1 << 27;
-
-/// Scaled dot-product attention over [B, H, S, d] inputs, no mask; returns [B, S, H·d]. `q`
-/// must come from [`Rope::apply_query`] (it carries the 1/√d scale).
-///
-/// The DiT's one attention entry point, so a fused kernel can replace it. The softmax kernels
-/// accumulate in f32 whatever the input dtype.
-fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    chunked_attention_prescaled(q, k, v, MAX_SCORES)
 }
 
 /// LayerNorm without affine parameters, through the fused kernel.
@@ -394,6 +381,7 @@ impl DoubleBlock {
         mod_txt: &[ModParams],
         ln: &PlainLayerNorm,
         rope: &Rope,
+        attention: &Attention,
     ) -> Result<(Tensor, Tensor)> {
         let l = txt.dim(1)?;
         let n = img.dim(1)?;
@@ -408,7 +396,7 @@ impl DoubleBlock {
         let q = rope.apply_query(&Tensor::cat(&[&qc, &q], 2)?)?;
         let k = rope.apply(&Tensor::cat(&[&kc, &k], 2)?)?;
         let v = Tensor::cat(&[&vc, &v], 2)?;
-        let attn = attention(&q, &k, &v)?;
+        let attn = attention.forward(&q, &k, &v)?;
         let attn_txt = attn.narrow(1, 0, l)?;
         let attn_img = attn.narrow(1, l, n)?;
 
@@ -458,6 +446,7 @@ impl SingleBlock {
         m: &ModParams,
         ln: &PlainLayerNorm,
         rope: &Rope,
+        attention: &Attention,
     ) -> Result<Tensor> {
         let (d, f) = (self.dim, self.mlp_hidden);
         let h = m.modulate(&ln.forward(x)?)?;
@@ -465,7 +454,7 @@ impl SingleBlock {
         let q = heads(&p.narrow(2, 0, d)?, self.n_heads, &self.norm_q)?;
         let k = heads(&p.narrow(2, d, d)?, self.n_heads, &self.norm_k)?;
         let v = heads_plain(&p.narrow(2, 2 * d, d)?, self.n_heads)?;
-        let attn = attention(&rope.apply_query(&q)?, &rope.apply(&k)?, &v)?;
+        let attn = attention.forward(&rope.apply_query(&q)?, &rope.apply(&k)?, &v)?;
         let mlp = swiglu(&p.narrow(2, 3 * d, 2 * f)?)?;
         let out = self.to_out.forward(&Tensor::cat(&[&attn, &mlp], 2)?)?;
         m.gated(x, &out)
@@ -500,6 +489,8 @@ pub struct Flux2Transformer2DModel {
     ln: PlainLayerNorm,
     /// Frequencies of [`Self::time_proj`], [1, channels/2] f32; the same at every step.
     time_freqs: Tensor,
+    /// Attention backend of every block (`naive` until [`Self::set_attention`]).
+    attention: Attention,
     dtype: DType,
     device: Device,
 }
@@ -536,6 +527,7 @@ impl Flux2Transformer2DModel {
             proj_out: linear_no_bias(d, cfg.out_channels(), vb.pp("proj_out"), q)?,
             ln: PlainLayerNorm::new(d, cfg.eps, vb.dtype(), vb.device())?,
             time_freqs: time_freqs(cfg.timestep_guidance_channels, vb.device())?,
+            attention: Attention::naive(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
             cfg: cfg.clone(),
@@ -548,6 +540,16 @@ impl Flux2Transformer2DModel {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Uses `attention` in every block (chosen by the load-time self-check,
+    /// [`super::attention::select`]).
+    pub fn set_attention(&mut self, attention: Attention) {
+        self.attention = attention;
+    }
+
+    pub fn attention(&self) -> &Attention {
+        &self.attention
     }
 
     /// RoPE tables for `[txt, img]`; constant over the denoising loop, so built once.
@@ -602,11 +604,19 @@ impl Flux2Transformer2DModel {
             );
         }
         for block in &self.double {
-            (img, txt) = block.forward(&img, &txt, &mod_img, &mod_txt, &self.ln, rope)?;
+            (img, txt) = block.forward(
+                &img,
+                &txt,
+                &mod_img,
+                &mod_txt,
+                &self.ln,
+                rope,
+                &self.attention,
+            )?;
         }
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
         for block in &self.single {
-            x = block.forward(&x, &mod_single[0], &self.ln, rope)?;
+            x = block.forward(&x, &mod_single[0], &self.ln, rope, &self.attention)?;
         }
         let x = x.narrow(1, l, n)?;
         let emb = self.norm_out_linear.forward(&silu_temb)?.unsqueeze(1)?;

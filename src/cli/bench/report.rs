@@ -59,6 +59,10 @@ pub struct Report {
     pub runs: u32,
     /// RFC 3339 UTC time at the start of the run.
     pub started_at: String,
+    /// The attention backend the load-time self-check chose and each candidate's result
+    /// (absent in reports written before it existed, and when the load failed).
+    #[serde(default)]
+    pub attention: Option<crate::flux2::attention::AttentionReport>,
     pub cases: Vec<CaseResult>,
 }
 
@@ -136,8 +140,37 @@ impl Report {
                 gb(c.mem_after_bytes),
             ));
         }
+        if let Some(a) = &self.attention {
+            s.push_str(&attention_markdown(a));
+        }
         s
     }
+}
+
+/// The attention self-check as a table: one row per backend checked (naive first).
+fn attention_markdown(a: &crate::flux2::attention::AttentionReport) -> String {
+    let mut s = format!(
+        "\nattention: **{}** (requested {}, {})\n",
+        a.selected, a.requested, a.dtype
+    );
+    if a.naive.is_none() {
+        s.push_str("(no self-check ran: no fused backend compiled in, or naive was forced)\n");
+        return s;
+    }
+    s.push_str("\n| backend | ok | ms per call (all shapes) | max error | tolerance | not used because |\n");
+    s.push_str("|---|---|---:|---:|---:|---|\n");
+    for c in a.naive.iter().chain(&a.candidates) {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {:.0e} | {} |\n",
+            c.name,
+            if c.ok { "yes" } else { "no" },
+            ms(c.time_ms),
+            c.max_error.map_or_else(|| "–".into(), |e| format!("{e:.2e}")),
+            c.tolerance,
+            c.reason.as_deref().unwrap_or("").replace('|', "/"),
+        ));
+    }
+    s
 }
 
 #[cfg(test)]
@@ -166,6 +199,16 @@ mod tests {
             peak_mem_bytes: Some(17_320_000_000),
             mem_after_bytes: None,
         };
+        let candidate = |name: &str, time: Option<f64>, reason: Option<&str>| {
+            crate::flux2::attention::CandidateReport {
+                name: name.into(),
+                ok: reason.is_none(),
+                time_ms: time,
+                max_error: time.map(|_| 0.004),
+                tolerance: 0.03,
+                reason: reason.map(Into::into),
+            }
+        };
         let r = Report {
             implementation: "imagegen".into(),
             implementation_version: "0.1.0".into(),
@@ -180,6 +223,14 @@ mod tests {
             warmup: 1,
             runs: 3,
             started_at: "2026-11-27T00:00:00Z".into(),
+            attention: Some(crate::flux2::attention::AttentionReport {
+                selected: "naive".into(),
+                requested: "auto".into(),
+                dtype: "bf16".into(),
+                shapes: vec![],
+                naive: Some(candidate("naive", Some(40.0), None)),
+                candidates: vec![candidate("fused", None, Some("error: bad | arch"))],
+            }),
             cases: vec![case("t2i-512x512", "ok"), case("refs2-512x512", "failed")],
         };
         let md = r.to_markdown();
@@ -197,6 +248,9 @@ mod tests {
             md.contains("| refs2-512x512 | failed: out of memory / oops |"),
             "{md}"
         );
+        assert!(md.contains("attention: **naive** (requested auto, bf16)"), "{md}");
+        assert!(md.contains("| naive | yes | 40 | 4.00e-3 | 3e-2 |  |"), "{md}");
+        assert!(md.contains("| fused | no | – | – | 3e-2 | error: bad / arch |"), "{md}");
         let back: Report = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
     }
