@@ -1,6 +1,7 @@
 //! Server configuration: every flag is also an environment variable (`--help` documents both).
 
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -149,6 +150,63 @@ pub struct ServeArgs {
     #[arg(long, env = "UPSCALER_ALLOW_DOWNLOAD", default_value_t = true, action = clap::ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new())]
     pub upscaler_allow_download: bool,
+
+    /// API keys callers must present (`Authorization: Bearer <key>` or `X-API-Key: <key>`) on
+    /// /generate and /upscale, comma-separated. Unset with no API_KEYS_FILE: the service is
+    /// open to anyone who can reach the port. Never logged.
+    #[arg(long, env = "API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<Secret>,
+
+    /// A file of API keys, one a line (`#` comments); re-read on SIGHUP and when it changes.
+    /// Adds to API_KEYS. A file that cannot be read at start-up stops start-up.
+    #[arg(long, env = "API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// How often the key file is checked for changes, in seconds.
+    #[arg(long, env = "API_KEYS_POLL_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub api_keys_poll_secs: u64,
+
+    /// Require a key for /metrics too (when keys are configured).
+    #[arg(long, env = "PROTECT_METRICS", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub protect_metrics: bool,
+
+    /// Require a key for /docs and /openapi.json too (when keys are configured).
+    #[arg(long, env = "PROTECT_DOCS", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub protect_docs: bool,
+
+    /// Requests per minute each key may make to the protected routes (429 with Retry-After
+    /// beyond it); unset: no limit.
+    #[arg(long, env = "RATE_LIMIT_PER_KEY")]
+    pub rate_limit_per_key: Option<NonZeroU32>,
+}
+
+/// A configured secret: never printed, not even by `Debug`.
+#[derive(Clone, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "Secret(empty)"
+        } else {
+            "Secret(<redacted>)"
+        })
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
 }
 
 impl ServeArgs {
@@ -210,6 +268,15 @@ impl ServeArgs {
 
     pub fn upload_timeout(&self) -> Duration {
         Duration::from_secs(self.upload_timeout_secs)
+    }
+
+    /// What access control needs of the configuration.
+    pub fn auth_config(&self) -> crate::api::auth::AuthConfig {
+        crate::api::auth::AuthConfig {
+            keys: self.api_keys.clone(),
+            keys_file: self.api_keys_file.clone(),
+            rate_limit_per_key: self.rate_limit_per_key,
+        }
     }
 
     /// The upscaler cache folder: the flag, else `~/.cache/realesrgan`.
@@ -291,6 +358,17 @@ mod tests {
             let a = ServeArgs::try_parse_from(["--preload-models", v]).unwrap();
             assert_eq!(a.preload_models, want, "{v}");
         }
+    }
+
+    #[test]
+    fn api_keys_never_appear_in_debug_output() {
+        let a = ServeArgs::try_parse_from(["--api-keys", "sk-very-secret,sk-other"]).unwrap();
+        assert_eq!(
+            a.api_keys.as_ref().unwrap().expose(),
+            "sk-very-secret,sk-other"
+        );
+        let text = format!("{a:?}");
+        assert!(!text.contains("sk-very-secret"), "{text}");
     }
 
     #[test]

@@ -69,6 +69,7 @@ pub async fn health(State(app): State<Arc<AppState>>) -> Json<HealthResponse> {
         queue_depth: state.queue_depth(),
         queue_capacity: state.queue_capacity(),
         error: state.model_error(),
+        auth: app.auth.mode().as_str().into(),
     })
 }
 
@@ -262,8 +263,11 @@ async fn encode_and_upload(
 #[utoipa::path(
     post, path = "/generate",
     request_body = schemas::GenerateRequest,
+    security((), ("bearer" = []), ("api_key" = [])),
     responses(
         (status = 200, description = "Per-item results (success=false items carry an error)", body = GenerateResponse),
+        (status = 401, description = "Missing or wrong API key (when keys are configured); WWW-Authenticate: Bearer", body = ErrorBody),
+        (status = 429, description = "Per-key rate limit (RATE_LIMIT_PER_KEY) exceeded; Retry-After", body = ErrorBody),
         (status = 422, description = "Invalid body", body = ValidationErrorBody),
         (status = 503, description = "Model not loaded, or queue full (Retry-After)", body = ErrorBody),
     )
@@ -389,8 +393,11 @@ pub async fn generate(
 #[utoipa::path(
     post, path = "/upscale",
     request_body = schemas::UpscaleRequest,
+    security((), ("bearer" = []), ("api_key" = [])),
     responses(
         (status = 200, description = "Result (success=false carries an error)", body = UpscaleResponse),
+        (status = 401, description = "Missing or wrong API key (when keys are configured); WWW-Authenticate: Bearer", body = ErrorBody),
+        (status = 429, description = "Per-key rate limit (RATE_LIMIT_PER_KEY) exceeded; Retry-After", body = ErrorBody),
         (status = 422, description = "Invalid body", body = ValidationErrorBody),
         (status = 503, description = "Queue full (Retry-After)", body = ErrorBody),
     )

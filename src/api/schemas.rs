@@ -167,6 +167,8 @@ pub struct HealthResponse {
     pub queue_capacity: usize,
     /// Why the model is not loaded, when its load failed.
     pub error: Option<String>,
+    /// Access control: `none` (open: no API key configured) or `api_key`.
+    pub auth: String,
 }
 
 /// `GET /`.
