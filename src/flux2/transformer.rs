@@ -312,7 +312,7 @@ struct FeedForward {
 
 fn swiglu(x: &Tensor) -> Result<Tensor> {
     let c = x.chunk(2, D::Minus1)?;
-    candle_nn::ops::silu(&c[0])? * &c[1]
+    crate::nn::silu(&c[0])? * &c[1]
 }
 
 impl FeedForward {
@@ -584,8 +584,8 @@ impl Flux2Transformer2DModel {
         let proj = self.time_proj(timestep)?;
         let temb = self
             .time_linear_2
-            .forward(&candle_nn::ops::silu(&self.time_linear_1.forward(&proj)?)?)?;
-        let silu_temb = candle_nn::ops::silu(&temb)?;
+            .forward(&crate::nn::silu(&self.time_linear_1.forward(&proj)?)?)?;
+        let silu_temb = crate::nn::silu(&temb)?;
         let mod_img = self.mod_img.forward(&silu_temb)?;
         let mod_txt = self.mod_txt.forward(&silu_temb)?;
         let mod_single = self.mod_single.forward(&silu_temb)?;
