@@ -101,7 +101,8 @@ impl ModelArgs {
 
     /// `--dtype`, else the device's default (bf16 on CUDA, f32 on CPU).
     pub fn resolved_dtype(&self, device: &Device) -> DType {
-        self.dtype.map_or_else(|| default_dtype(device), ComputeDtype::dtype)
+        self.dtype
+            .map_or_else(|| default_dtype(device), ComputeDtype::dtype)
     }
 
     /// [`Self::resolved_dtype`] knowing only whether the device is a GPU.
@@ -155,7 +156,10 @@ mod tests {
     #[test]
     fn unknown_dtype_is_an_error_naming_the_choices() {
         let text = parse(&["--dtype", "fp8"]).unwrap_err().to_string();
-        assert!(text.contains("fp8") && text.contains("f32, bf16, f16"), "{text}");
+        assert!(
+            text.contains("fp8") && text.contains("f32, bf16, f16"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -67,11 +67,7 @@ fn drift(a: &Tensor, b: &Tensor) -> Drift {
             .to_vec1::<f64>()
             .unwrap()
     };
-    let mut d: Vec<f64> = f(a)
-        .iter()
-        .zip(f(b))
-        .map(|(x, y)| (x - y).abs())
-        .collect();
+    let mut d: Vec<f64> = f(a).iter().zip(f(b)).map(|(x, y)| (x - y).abs()).collect();
     assert!(d.iter().all(|v| v.is_finite()), "non-finite values");
     d.sort_by(f64::total_cmp);
     let idx = ((d.len() as f64 * 0.999).ceil() as usize).clamp(1, d.len()) - 1;
@@ -144,9 +140,9 @@ fn text_encoder_bf16_drift_is_within_diffusers() {
         .as_str()
         .unwrap()
         .to_string();
-    let f32_ref = load_safetensors(flux2_fixtures().join("text_encoder.safetensors"))
-        ["prompt_embeds.normal"]
-        .clone();
+    let f32_ref =
+        load_safetensors(flux2_fixtures().join("text_encoder.safetensors"))["prompt_embeds.normal"]
+            .clone();
     let ours = pipeline(DType::BF16).encode_prompt(&prompt).unwrap();
     check("text.normal", &ours, &f32_ref, &get("text.normal.bf16"));
 }
@@ -168,14 +164,23 @@ fn transformer_bf16_drift_is_within_diffusers_at_several_timesteps() {
         let ids = t["img_ids"].narrow(0, 0, n).unwrap();
         let ts = Tensor::new(&[sigma], &Device::Cpu).unwrap();
         let run = |m: &imagegen::flux2::transformer::Flux2Transformer2DModel| {
-            m.forward(&hidden, &t["encoder_hidden_states"], &ts, &ids, &t["txt_ids"])
-                .unwrap()
+            m.forward(
+                &hidden,
+                &t["encoder_hidden_states"],
+                &ts,
+                &ids,
+                &t["txt_ids"],
+            )
+            .unwrap()
         };
         let f32_ref = get(&format!("{name}.f32"));
         // The stored reference is what our f32 path computes, so the drift is bf16's alone.
         let ours32 = run(tr32);
         let e = drift(&ours32, &f32_ref);
-        assert!(e.p999 < 1e-4, "{name}: our f32 differs from the f32 reference: {e:?}");
+        assert!(
+            e.p999 < 1e-4,
+            "{name}: our f32 differs from the f32 reference: {e:?}"
+        );
         check(name, &run(tr), &f32_ref, &get(&format!("{name}.bf16")));
     }
 }
@@ -245,7 +250,10 @@ fn end_to_end_bf16_drift_is_within_diffusers_at_one_and_two_steps() {
         let tokens = p
             .denoise(&noise, &embeds, None, 1.0, steps, None, &never)
             .unwrap();
-        let z = p.vae().denormalize(&unpack(&tokens, lh, lw).unwrap()).unwrap();
+        let z = p
+            .vae()
+            .denormalize(&unpack(&tokens, lh, lw).unwrap())
+            .unwrap();
         let latents = unpatchify(&z).unwrap();
         check(
             &format!("{name}.latents"),
@@ -255,7 +263,10 @@ fn end_to_end_bf16_drift_is_within_diffusers_at_one_and_two_steps() {
         );
         // diffusers' output_type="pt": (x / 2 + 0.5).clamp(0, 1), in the model dtype.
         let x = p.vae().decode(&latents).unwrap();
-        let image = ((x / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
+        let image = ((x / 2.0).unwrap() + 0.5)
+            .unwrap()
+            .clamp(0f32, 1f32)
+            .unwrap();
         check(
             &format!("{name}.image"),
             &image,

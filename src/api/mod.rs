@@ -26,8 +26,8 @@ use crate::config::ServeArgs;
 use crate::device::GpuInfo;
 use crate::engine::{Admission, BackendLoader, Engine, ImageBackend, UpscaleBackend};
 use crate::flux2::Quantization;
-use crate::model_args::dtype_name;
 use crate::io::{FetchConfig, Fetcher, UploadConfig, Uploader, UrlPolicy};
+use crate::model_args::dtype_name;
 use crate::telemetry::{self, Metrics, labels};
 
 /// The API version the root endpoint reports (the original's, since the API is the same).

@@ -80,7 +80,8 @@ pub struct LoadOptions {
     /// unset `TEXT_ENCODER_QUANTIZATION` to `quantization`).
     pub text_encoder_quantization: Quantization,
     pub device: Device,
-    /// bf16 on CUDA, f32 on CPU (the VAE always runs f32 on CPU: candle has no bf16 CPU conv).
+    /// Compute dtype of all three models (`--dtype`; default bf16 on CUDA, f32 on CPU). Every
+    /// dtype runs on the CPU (see docs/numerics.md).
     pub dtype: DType,
     pub hf_token: Option<String>,
 }

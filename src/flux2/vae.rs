@@ -9,8 +9,8 @@ use serde::Deserialize;
 
 use super::layers::chunked_attention;
 use crate::nn::conv::lean_conv2d;
-use crate::nn::matmul;
 use crate::nn::group_norm::lean_group_norm;
+use crate::nn::matmul;
 use crate::nn::{LeanBudget, LeanConv2d, LeanGroupNorm, Pad};
 
 fn d_ch3() -> usize {
@@ -420,7 +420,8 @@ impl AutoencoderKLFlux2 {
         let bn = vb.pp("bn");
         // Statistics stay in f32 whatever the model dtype: they divide the latents.
         // Read as f32 from the file, not through the model dtype.
-        let f32_stat = |name| bn.get_with_hints_dtype(c, name, candle_nn::Init::Const(0.), DType::F32);
+        let f32_stat =
+            |name| bn.get_with_hints_dtype(c, name, candle_nn::Init::Const(0.), DType::F32);
         let mean = f32_stat("running_mean")?;
         let var = f32_stat("running_var")?;
         let std = (var + cfg.batch_norm_eps)?.sqrt()?;

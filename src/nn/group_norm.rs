@@ -180,8 +180,16 @@ impl LeanGroupNorm {
         };
         let c = n * hidden / spatial;
         // Affine in the internal dtype, one rounding (PyTorch's half-precision GroupNorm).
-        let w = self.weight.narrow(0, c0, c)?.to_dtype(internal)?.reshape((1, c, 1))?;
-        let bias = self.bias.narrow(0, c0, c)?.to_dtype(internal)?.reshape((1, c, 1))?;
+        let w = self
+            .weight
+            .narrow(0, c0, c)?
+            .to_dtype(internal)?
+            .reshape((1, c, 1))?;
+        let bias = self
+            .bias
+            .narrow(0, c0, c)?
+            .to_dtype(internal)?
+            .reshape((1, c, 1))?;
         x_normed
             .reshape((b, c, spatial))?
             .broadcast_mul(&w)?
