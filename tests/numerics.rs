@@ -33,21 +33,23 @@ fn get(name: &str) -> Tensor {
         .clone()
 }
 
+fn load(dtype: DType, q: Quantization) -> Flux2Pipeline {
+    Flux2Pipeline::load(&LoadOptions {
+        model_id: flux2_fixtures().join("tiny-model").display().to_string(),
+        quantization: q,
+        text_encoder_quantization: q,
+        device: Device::Cpu,
+        dtype,
+        hf_token: None,
+    })
+    .unwrap()
+}
+
 fn pipeline(dtype: DType) -> &'static Flux2Pipeline {
     static F32: OnceLock<Flux2Pipeline> = OnceLock::new();
     static BF16: OnceLock<Flux2Pipeline> = OnceLock::new();
     let cell = if dtype == DType::BF16 { &BF16 } else { &F32 };
-    cell.get_or_init(|| {
-        Flux2Pipeline::load(&LoadOptions {
-            model_id: flux2_fixtures().join("tiny-model").display().to_string(),
-            quantization: Quantization::None,
-            text_encoder_quantization: Quantization::None,
-            device: Device::Cpu,
-            dtype,
-            hf_token: None,
-        })
-        .unwrap()
-    })
+    cell.get_or_init(|| load(dtype, Quantization::None))
 }
 
 /// |a − b| statistics over all elements, in f64.
@@ -77,16 +79,14 @@ fn drift(a: &Tensor, b: &Tensor) -> Drift {
     }
 }
 
-/// Checks one tensor: `ours` (our bf16 output), `f32_ref` (diffusers f32), `theirs` (diffusers
-/// bf16). Returns (ours vs f32, theirs vs f32, ours vs theirs).
-fn check(name: &str, ours: &Tensor, f32_ref: &Tensor, theirs: &Tensor) -> [Drift; 3] {
-    assert_eq!(ours.dtype(), DType::BF16, "{name}: our output is not bf16");
+/// Prints and returns (ours vs f32, reference vs f32, ours vs reference).
+fn measure(name: &str, ours: &Tensor, f32_ref: &Tensor, theirs: &Tensor) -> [Drift; 3] {
     let o = drift(ours, f32_ref);
     let t = drift(theirs, f32_ref);
     let ot = drift(ours, theirs);
     eprintln!(
-        "{name:24} ours-f32 mean {:.3e} p99.9 {:.3e} | diffusers-f32 mean {:.3e} p99.9 {:.3e} | \
-         ratio {:.2}/{:.2} | ours-diffusers mean {:.3e} p99.9 {:.3e}",
+        "{name:24} ours-f32 mean {:.3e} p99.9 {:.3e} | theirs-f32 mean {:.3e} p99.9 {:.3e} | \
+         ratio {:.2}/{:.2} | ours-theirs mean {:.3e} p99.9 {:.3e}",
         o.mean,
         o.p999,
         t.mean,
@@ -96,6 +96,14 @@ fn check(name: &str, ours: &Tensor, f32_ref: &Tensor, theirs: &Tensor) -> [Drift
         ot.mean,
         ot.p999
     );
+    [o, t, ot]
+}
+
+/// Checks one tensor: `ours` (our bf16 output), `f32_ref` (diffusers f32), `theirs` (diffusers
+/// bf16). Returns (ours vs f32, theirs vs f32, ours vs theirs).
+fn check(name: &str, ours: &Tensor, f32_ref: &Tensor, theirs: &Tensor) -> [Drift; 3] {
+    assert_eq!(ours.dtype(), DType::BF16, "{name}: our output is not bf16");
+    let [o, t, ot] = measure(name, ours, f32_ref, theirs);
     // The bf16 path must actually differ from f32, or the comparison proves nothing.
     assert!(t.mean > 0.0 && o.mean > 0.0, "{name}: no bf16 drift at all");
     assert!(
@@ -125,13 +133,12 @@ fn bf16(t: &Tensor) -> Tensor {
     t.to_dtype(DType::BF16).unwrap()
 }
 
-#[test]
-fn text_encoder_bf16_drift_is_within_diffusers() {
+fn normal_prompt() -> String {
     let meta: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(flux2_fixtures().join("text_encoder.json")).unwrap(),
     )
     .unwrap();
-    let prompt = meta["prompts"]
+    meta["prompts"]
         .as_array()
         .unwrap()
         .iter()
@@ -139,12 +146,73 @@ fn text_encoder_bf16_drift_is_within_diffusers() {
         .unwrap()["prompt"]
         .as_str()
         .unwrap()
-        .to_string();
-    let f32_ref =
-        load_safetensors(flux2_fixtures().join("text_encoder.safetensors"))["prompt_embeds.normal"]
-            .clone();
-    let ours = pipeline(DType::BF16).encode_prompt(&prompt).unwrap();
-    check("text.normal", &ours, &f32_ref, &get("text.normal.bf16"));
+        .to_string()
+}
+
+fn text_f32_reference() -> Tensor {
+    load_safetensors(flux2_fixtures().join("text_encoder.safetensors"))["prompt_embeds.normal"]
+        .clone()
+}
+
+#[test]
+fn text_encoder_bf16_drift_is_within_diffusers() {
+    let ours = pipeline(DType::BF16)
+        .encode_prompt(&normal_prompt())
+        .unwrap();
+    check(
+        "text.normal",
+        &ours,
+        &text_f32_reference(),
+        &get("text.normal.bf16"),
+    );
+}
+
+/// Quantised weights (fp8, int8) in the DiT and in the text encoder's projections, f32 and bf16
+/// compute, against PyTorch running the same weights quantised the same way (the fixture script
+/// re-implements src/flux2/quant.rs). The error is measured from the unquantised f32 output.
+#[test]
+fn quantised_paths_err_no_more_than_the_pytorch_reference() {
+    let t = load_safetensors(dit_fixture("transformer.safetensors"));
+    let text_ref = text_f32_reference().narrow(1, 0, 64).unwrap();
+    let prompt = normal_prompt();
+    for (kind, q) in [("fp8", Quantization::Fp8), ("int8", Quantization::Int8)] {
+        for (tag, dtype) in [("f32", DType::F32), ("bf16", DType::BF16)] {
+            let p = load(dtype, q);
+            let mut cases = vec![];
+            for (name, sigma) in [("dit.refs.t100", 1.0f32), ("dit.refs.t005", 0.05)] {
+                let ts = Tensor::new(&[sigma], &Device::Cpu).unwrap();
+                let ours = p
+                    .transformer()
+                    .forward(
+                        &t["hidden_states"],
+                        &t["encoder_hidden_states"],
+                        &ts,
+                        &t["img_ids"],
+                        &t["txt_ids"],
+                    )
+                    .unwrap();
+                cases.push((name, ours, get(&format!("{name}.f32"))));
+            }
+            let text = p.encode_prompt(&prompt).unwrap().narrow(1, 0, 64).unwrap();
+            cases.push(("text.normal64", text, text_ref.clone()));
+            for (name, ours, f32_ref) in cases {
+                let label = format!("{kind}.{name}.{tag}");
+                let theirs = get(&label);
+                let [o, r, or] = measure(&label, &ours, &f32_ref, &theirs);
+                assert!(r.mean > 0.0, "{label}: quantisation changed nothing");
+                assert!(
+                    o.mean <= RATIO * r.mean && o.p999 <= RATIO * r.p999,
+                    "{label}: our error {o:?} > {RATIO} x the reference's {r:?}"
+                );
+                if dtype == DType::F32 {
+                    // Same quantised weights, f32 compute: equal up to summation order.
+                    assert!(or.p999 < 1e-4 * (1.0 + r.p999), "{label}: {or:?}");
+                } else {
+                    assert!(or.mean <= 1.5 * r.mean, "{label}: {or:?} vs {r:?}");
+                }
+            }
+        }
+    }
 }
 
 #[test]

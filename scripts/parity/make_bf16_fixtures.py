@@ -132,6 +132,63 @@ def pipeline_fixtures(out):
             out[f"{name}.noise"] = latents
 
 
+# --- weight quantisation, written to do exactly what src/flux2/quant.rs does ---
+# Per output row: scale = absmax * (1 / MAX) in f32 (candle's `Tensor / f64` multiplies by the
+# reciprocal), all-zero rows scale 1; fp8: (w / scale) clamped to +-448 and cast to F8E4M3 (round
+# to nearest even); int8: round(w / scale) clamped to +-127. The weight is quantised as loaded in
+# the compute dtype, and dequantised in it: q.to(dtype) * scale.to(dtype).
+def dequantised(w, kind, dtype):
+    w = w.to(dtype).float()
+    mx = 448.0 if kind == "fp8" else 127.0
+    absmax = w.abs().amax(1, keepdim=True)
+    s = absmax * torch.tensor(1.0 / mx, dtype=torch.float32)
+    s = torch.where(absmax == 0, torch.ones_like(s), s)
+    if kind == "fp8":
+        q = (w / s).clamp(-mx, mx).to(torch.float8_e4m3fn)
+    else:
+        q = torch.round(w / s).clamp(-mx, mx)
+    return q.to(dtype) * s.to(dtype)
+
+
+def quantise_linears(model, kind, dtype, select=lambda name: True):
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and select(name):
+            m.weight.data = dequantised(m.weight.data, kind, dtype).to(dtype)
+            n += 1
+    assert n > 0
+    return n
+
+
+def quant_fixtures(out):
+    """The DiT with every Linear quantised (QUANTIZATION) and the text encoder with its decoder
+    layers' projections quantised (TEXT_ENCODER_QUANTIZATION), f32 and bf16 compute."""
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    t = load_file(FIX / "dit/transformer.safetensors")
+    meta = json.loads((FIX / "text_encoder.json").read_text())
+    prompt = next(p for p in meta["prompts"] if p["name"] == "normal")["prompt"]
+    tok = AutoTokenizer.from_pretrained(str(MODEL / "tokenizer"))
+    for kind in ("fp8", "int8"):
+        for dtype, tag in [(torch.float32, "f32"), (BF16, "bf16")]:
+            model = Flux2Transformer2DModel.from_pretrained(MODEL / "transformer", torch_dtype=dtype).eval()
+            quantise_linears(model, kind, dtype)
+            for name, sigma in [("dit.refs.t100", 1.0), ("dit.refs.t005", 0.05)]:
+                y = model(hidden_states=t["hidden_states"].to(dtype),
+                          encoder_hidden_states=t["encoder_hidden_states"].to(dtype),
+                          timestep=torch.tensor([sigma], dtype=dtype), img_ids=t["img_ids"],
+                          txt_ids=t["txt_ids"], guidance=None, return_dict=False)[0]
+                out[f"{kind}.{name}.{tag}"] = y.contiguous()
+            te = Qwen3ForCausalLM.from_pretrained(str(MODEL / "text_encoder"), dtype=dtype).eval()
+            quantise_linears(te, kind, dtype, lambda n: n.startswith("model.layers."))
+            emb = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+                text_encoder=te, tokenizer=tok, prompt=[prompt], dtype=dtype, device="cpu",
+                max_sequence_length=meta["max_length"], hidden_states_layers=meta["hidden_states_layers"])
+            # The first 64 of 512 positions (the prompt and the start of the padding): size.
+            out[f"{kind}.text.normal64.{tag}"] = emb[:, :64].contiguous()
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -139,6 +196,7 @@ def main():
     transformer_fixtures(out)
     vae_fixtures(out)
     pipeline_fixtures(out)
+    quant_fixtures(out)
     out = {k: (v.to(BF16) if k.endswith(".bf16") else v.float()).contiguous() for k, v in out.items()}
     for k in sorted(out):
         if k.endswith(".bf16"):
