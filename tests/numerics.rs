@@ -343,3 +343,62 @@ fn end_to_end_bf16_drift_is_within_diffusers_at_one_and_two_steps() {
         );
     }
 }
+
+/// The BFL fp8 single file as stored (per-tensor scales, fp8 values kept), f32 and bf16 compute,
+/// against PyTorch dequantising the same file the same way (diffusers' converter maps the names).
+#[test]
+fn bfl_fp8_file_errs_no_more_than_the_pytorch_reference() {
+    use imagegen::flux2::transformer::{Flux2Transformer2DModel, Flux2TransformerConfig};
+    let t = load_safetensors(dit_fixture("transformer.safetensors"));
+    let cfg: Flux2TransformerConfig = serde_json::from_str(
+        &std::fs::read_to_string(flux2_fixtures().join("tiny-model/transformer/config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    // None dequantises at load; Fp8 keeps the stored fp8 values and scales (and the file's
+    // bf16 Linears as they are).
+    for (tag, dtype, quant) in [
+        ("f32", DType::F32, Quantization::None),
+        ("bf16", DType::BF16, Quantization::None),
+        ("f32", DType::F32, Quantization::Fp8),
+        ("bf16", DType::BF16, Quantization::Fp8),
+    ] {
+        let (vb, fp8) = imagegen::flux2::weights::bfl_var_builder(
+            &flux2_fixtures().join("flux-2-klein-tiny-fp8.safetensors"),
+            dtype,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert!(fp8, "the fixture file holds fp8 weights");
+        let model = Flux2Transformer2DModel::new(&cfg, vb, quant).unwrap();
+        for (name, sigma) in [("dit.refs.t100", 1.0f32), ("dit.refs.t005", 0.05)] {
+            let ts = Tensor::new(&[sigma], &Device::Cpu).unwrap();
+            let ours = model
+                .forward(
+                    &t["hidden_states"],
+                    &t["encoder_hidden_states"],
+                    &ts,
+                    &t["img_ids"],
+                    &t["txt_ids"],
+                )
+                .unwrap();
+            let label = format!("bflfp8.{name}.{tag}");
+            let [o, r, or] = measure(
+                &format!("{label} ({quant})"),
+                &ours,
+                &get(&format!("{name}.f32")),
+                &get(&label),
+            );
+            assert!(r.mean > 0.0, "{label}: fp8 changed nothing");
+            assert!(
+                o.mean <= RATIO * r.mean && o.p999 <= RATIO * r.p999,
+                "{label}: our error {o:?} > {RATIO} x the reference's {r:?}"
+            );
+            if dtype == DType::F32 {
+                assert!(or.p999 < 1e-4 * (1.0 + r.p999), "{label}: {or:?}");
+            } else {
+                assert!(or.mean <= 1.5 * r.mean, "{label}: {or:?} vs {r:?}");
+            }
+        }
+    }
+}

@@ -189,6 +189,34 @@ def quant_fixtures(out):
             out[f"{kind}.text.normal64.{tag}"] = emb[:, :64].contiguous()
 
 
+def bfl_fp8_fixtures(out):
+    """The BFL fp8 single file as stored (block Linears F8E4M3 with a per-tensor f32
+    `weight_scale`, the rest bf16), dequantised as QLinear does (q.to(dtype) * scale.to(dtype)),
+    mapped to diffusers names by diffusers' own converter; f32 and bf16 compute."""
+    from diffusers import Flux2Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    sd = load_file(FIX / "flux-2-klein-tiny-fp8.safetensors")
+    t = load_file(FIX / "dit/transformer.safetensors")
+    for dtype, tag in [(torch.float32, "f32"), (BF16, "bf16")]:
+        deq = {}
+        for k, v in sd.items():
+            if k.endswith(("weight_scale", "input_scale")):
+                continue
+            if v.dtype == torch.float8_e4m3fn:
+                deq[k] = v.to(dtype) * sd[k[: -len("weight")] + "weight_scale"].to(dtype)
+            else:
+                deq[k] = v.to(dtype)
+        model = Flux2Transformer2DModel.from_pretrained(MODEL / "transformer", torch_dtype=dtype).eval()
+        model.load_state_dict(convert_flux2_transformer_checkpoint_to_diffusers(deq), strict=True)
+        for name, sigma in [("dit.refs.t100", 1.0), ("dit.refs.t005", 0.05)]:
+            y = model(hidden_states=t["hidden_states"].to(dtype),
+                      encoder_hidden_states=t["encoder_hidden_states"].to(dtype),
+                      timestep=torch.tensor([sigma], dtype=dtype), img_ids=t["img_ids"],
+                      txt_ids=t["txt_ids"], guidance=None, return_dict=False)[0]
+            out[f"bflfp8.{name}.{tag}"] = y.contiguous()
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -197,6 +225,7 @@ def main():
     vae_fixtures(out)
     pipeline_fixtures(out)
     quant_fixtures(out)
+    bfl_fp8_fixtures(out)
     out = {k: (v.to(BF16) if k.endswith(".bf16") else v.float()).contiguous() for k, v in out.items()}
     for k in sorted(out):
         if k.endswith(".bf16"):
