@@ -5,11 +5,9 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::device::DeviceKind;
 use crate::flux2::Quantization;
-
-/// The default model, as in the original service.
-pub const DEFAULT_MODEL_ID: &str = "black-forest-labs/FLUX.2-klein-4B";
+pub use crate::model_args::DEFAULT_MODEL_ID;
+use crate::model_args::ModelArgs;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -30,42 +28,15 @@ pub struct ServeArgs {
     #[arg(long, env = "PORT", default_value_t = 7000)]
     pub port: u16,
 
-    /// FLUX.2 model: `4B`, `9B`, a hub repo id, or a local directory in the diffusers layout.
-    #[arg(long, env = "MODEL_ID", default_value = DEFAULT_MODEL_ID)]
-    pub model_id: String,
-
-    /// Hugging Face token; needed only for gated repos (the 9B model). Never logged.
-    #[arg(long, env = "HUGGING_FACE_TOKEN", hide_env_values = true)]
-    pub hf_token: Option<String>,
-
-    /// Alias of HUGGING_FACE_TOKEN, used when that is unset.
-    #[arg(
-        long = "hf-token-alias",
-        env = "HF_TOKEN",
-        hide = true,
-        hide_env_values = true
-    )]
-    pub hf_token_alias: Option<String>,
+    /// Model, token, weight storage, device and dtype (shared with `generate` and `bench`).
+    #[command(flatten)]
+    pub model: ModelArgs,
 
     /// Load the FLUX model at startup. `false`, `0` or `no` skip it: /generate then answers 503,
     /// /upscale still works.
     #[arg(long, env = "PRELOAD_MODELS", default_value = "true", action = clap::ArgAction::Set,
           value_parser = parse_preload)]
     pub preload_models: bool,
-
-    /// Transformer weight storage: `none`, `fp8` or `int8`. Anything else stops startup.
-    #[arg(long, env = "QUANTIZATION", default_value = "none", value_parser = parse_quantization)]
-    pub quantization: Quantization,
-
-    /// Text encoder projection storage: `none`, `fp8` or `int8`; unset follows QUANTIZATION.
-    /// Anything else stops startup.
-    #[arg(long, env = "TEXT_ENCODER_QUANTIZATION",
-          value_parser = crate::flux2::quant::parse_text_encoder_quantization)]
-    pub text_encoder_quantization: Option<Quantization>,
-
-    /// Compute device.
-    #[arg(long, env = "DEVICE", value_enum, default_value_t = DeviceKind::Auto)]
-    pub device: DeviceKind,
 
     /// Log filter: a level (`info`, `debug`, ...) or a tracing-subscriber directive.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
@@ -238,28 +209,17 @@ impl ServeArgs {
         <Bare as clap::Parser>::try_parse_from(args).map(|b| b.serve)
     }
 
-    /// HUGGING_FACE_TOKEN, else HF_TOKEN; empty strings count as unset.
+    /// HUGGING_FACE_TOKEN, else HF_TOKEN (see [`ModelArgs::token`]).
     pub fn token(&self) -> Option<String> {
-        [&self.hf_token, &self.hf_token_alias]
-            .into_iter()
-            .flatten()
-            .find(|t| !t.is_empty())
-            .cloned()
+        self.model.token()
     }
 
-    /// `4B` and `9B` expand to the full repo ids (exact, case-sensitive, as in the original).
     pub fn resolved_model_id(&self) -> String {
-        match self.model_id.as_str() {
-            "4B" => "black-forest-labs/FLUX.2-klein-4B".to_string(),
-            "9B" => "black-forest-labs/FLUX.2-klein-9B".to_string(),
-            other => other.to_string(),
-        }
+        self.model.resolved_model_id()
     }
 
-    /// `TEXT_ENCODER_QUANTIZATION`, else `QUANTIZATION`: whoever picks fp8 to fit a smaller
-    /// card expects the whole model to shrink.
     pub fn resolved_text_encoder_quantization(&self) -> Quantization {
-        self.text_encoder_quantization.unwrap_or(self.quantization)
+        self.model.resolved_text_encoder_quantization()
     }
 
     pub fn download_timeout(&self) -> Duration {
@@ -294,10 +254,6 @@ fn parse_preload(s: &str) -> Result<bool, String> {
 }
 
 fn parse_upscale_model(s: &str) -> Result<crate::upscale::UpscaleModel, String> {
-    s.parse()
-}
-
-fn parse_quantization(s: &str) -> Result<Quantization, String> {
     s.parse()
 }
 

@@ -28,6 +28,7 @@ use crate::device::GpuInfo;
 use crate::engine::{Admission, BackendLoader, Engine, ImageBackend, UpscaleBackend};
 use crate::flux2::Quantization;
 use crate::io::{FetchConfig, Fetcher, UploadConfig, Uploader, UrlPolicy};
+use crate::model_args::dtype_name;
 use crate::telemetry::{self, Metrics, labels};
 
 /// The API version the root endpoint reports (the original's, since the API is the same).
@@ -43,6 +44,8 @@ pub struct AppState {
     pub model_id: String,
     pub quantization: Quantization,
     pub text_encoder_quantization: Quantization,
+    /// Compute dtype of the models (`DTYPE`, else the device's default).
+    pub dtype: candle_core::DType,
     pub max_input_pixels: u64,
     pub retry_after_secs: u64,
     pub auth: Arc<auth::Auth>,
@@ -146,9 +149,10 @@ pub async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let device = args
+        .model
         .device
         .open()
-        .with_context(|| format!("cannot open device '{:?}' (DEVICE)", args.device))?;
+        .with_context(|| format!("cannot open device '{:?}' (DEVICE)", args.model.device))?;
     let loader = crate::engine::models::flux_loader(&args, &device);
     let upscaler = crate::engine::models::upscaler(&args, &device);
     run(listener, args, device.is_cuda(), loader, upscaler, shutdown).await
@@ -172,11 +176,13 @@ pub async fn run<B: ImageBackend, U: UpscaleBackend>(
         );
     }
     let model_id = args.resolved_model_id();
+    let dtype = args.model.resolved_dtype_on(on_gpu);
     tracing::info!(
         addr = %listener.local_addr()?,
         model_id,
-        quantization = %args.quantization,
+        quantization = %args.model.quantization,
         text_encoder_quantization = %args.resolved_text_encoder_quantization(),
+        dtype = %dtype_name(dtype),
         preload = args.preload_models,
         device = if on_gpu { "cuda" } else { "cpu" },
         token = if args.token().is_some() { "set" } else { "unset" },
@@ -222,8 +228,9 @@ pub async fn run<B: ImageBackend, U: UpscaleBackend>(
             ..Default::default()
         }),
         model_id,
-        quantization: args.quantization,
+        quantization: args.model.quantization,
         text_encoder_quantization: args.resolved_text_encoder_quantization(),
+        dtype,
         max_input_pixels: args.max_input_pixels,
         retry_after_secs: args.retry_after_secs,
         auth,

@@ -65,6 +65,7 @@ pub async fn health(State(app): State<Arc<AppState>>) -> Json<HealthResponse> {
         model_id: app.model_id.clone(),
         quantization: app.quantization.to_string(),
         text_encoder_quantization: app.text_encoder_quantization.to_string(),
+        dtype: crate::model_args::dtype_name(app.dtype),
         version: env!("CARGO_PKG_VERSION").into(),
         queue_depth: state.queue_depth(),
         queue_capacity: state.queue_capacity(),

@@ -161,6 +161,8 @@ pub struct HealthResponse {
     pub quantization: String,
     /// Text encoder projection storage (`TEXT_ENCODER_QUANTIZATION`, else `QUANTIZATION`).
     pub text_encoder_quantization: String,
+    /// Compute dtype (`DTYPE`: `f32`, `bf16` or `f16`; default bf16 on CUDA, f32 on CPU).
+    pub dtype: String,
     pub version: String,
     /// Jobs waiting for the GPU worker.
     pub queue_depth: usize,
