@@ -131,6 +131,14 @@ fixtures-flux2-dit: parity-venv fixtures-flux2-text
 
 fixtures: fixtures-flux2-dit
 
+.PHONY: fixtures-flux2-bf16
+# bf16 numerics fixtures (tests/fixtures/flux2/bf16, docs/numerics.md): diffusers in f32 and bf16
+# on the committed tiny model; reads the f32 fixtures, never rewrites them.
+fixtures-flux2-bf16: parity-venv
+	$(PARITY_VENV)/bin/python scripts/parity/make_bf16_fixtures.py
+
+fixtures: fixtures-flux2-bf16
+
 .PHONY: bench-flux2-cpu
 bench-flux2-cpu: ## FLUX.2 transformer forward + VAE decode on CPU: candle vs PyTorch, same threads
 	$(CARGO) bench --bench flux2_cpu

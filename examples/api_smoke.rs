@@ -25,6 +25,8 @@ struct Args {
     skip_generate: bool,
     skip_upscale: bool,
     timeout: u64,
+    /// Sent as `Authorization: Bearer` on every request (`--api-key`, else env API_KEY).
+    api_key: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -35,6 +37,7 @@ fn parse_args() -> Args {
         skip_generate: false,
         skip_upscale: false,
         timeout: 600,
+        api_key: std::env::var("API_KEY").ok().filter(|k| !k.is_empty()),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -45,6 +48,7 @@ fn parse_args() -> Args {
             "--size" => a.size = val().parse().expect("--size"),
             "--s3-port" => a.s3_port = val().parse().expect("--s3-port"),
             "--timeout" => a.timeout = val().parse().expect("--timeout"),
+            "--api-key" => a.api_key = Some(val()),
             "--skip-generate" => a.skip_generate = true,
             "--skip-upscale" => a.skip_upscale = true,
             other => {
@@ -119,8 +123,15 @@ async fn main() -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;
     let s3 = s3::LocalS3::start(root.path(), SocketAddr::from(([127, 0, 0, 1], a.s3_port))).await?;
     println!("local S3 on http://{}; server {}", s3.addr, a.base);
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = &a.api_key {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(a.timeout))
+        .default_headers(headers)
         .build()?;
     let mut c = Checks {
         passed: 0,
@@ -137,6 +148,21 @@ async fn main() -> anyhow::Result<()> {
         }
         .await,
     );
+    if a.api_key.is_some() {
+        c.check(
+            "POST /generate without the key is refused",
+            async {
+                let r = reqwest::Client::new()
+                    .post(format!("{base}/generate"))
+                    .json(&json!({"prompts": ["x"], "upload_urls": ["https://example.com/x"]}))
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status() == 401, "HTTP {} (expected 401)", r.status());
+                Ok("401".into())
+            }
+            .await,
+        );
+    }
     let (ready_status, _) = match http.get(format!("{base}/ready")).send().await {
         Ok(r) => (r.status().as_u16(), ()),
         Err(_) => (0, ()),
@@ -154,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
                 "quantization",
                 "text_encoder_quantization",
                 "version",
+                "auth",
             ] {
                 anyhow::ensure!(v.get(k).is_some(), "field {k} missing: {v}");
             }

@@ -46,8 +46,10 @@ UPSCALED_URL="$(presign presign-put upscaled.png image/png)"
 IMAGE_URL="$(presign presign-get ref.png)"
 export UPLOAD_URL UPLOAD_URL_2 UPSCALED_URL IMAGE_URL
 
-# The server, from the built binary.
-HOST=127.0.0.1 PORT="$PORT" MODEL_ID=tests/fixtures/flux2/tiny-model DEVICE=cpu \
+# The server, from the built binary, with an API key as the guide recommends.
+API_KEY="readme-check-$RANDOM$RANDOM"
+export API_KEY
+API_KEYS="$API_KEY" HOST=127.0.0.1 PORT="$PORT" MODEL_ID=tests/fixtures/flux2/tiny-model DEVICE=cpu \
   ALLOW_PRIVATE_URLS=true UPSCALER_WEIGHTS="$X4PLUS" UPSCALER_ALLOW_DOWNLOAD=false \
   "$BIN_DIR/imagegen" serve >"$WORK/server.log" 2>&1 &
 pids+=($!)

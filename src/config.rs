@@ -1,14 +1,13 @@
 //! Server configuration: every flag is also an environment variable (`--help` documents both).
 
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::device::DeviceKind;
 use crate::flux2::Quantization;
-
-/// The default model, as in the original service.
-pub const DEFAULT_MODEL_ID: &str = "black-forest-labs/FLUX.2-klein-4B";
+pub use crate::model_args::DEFAULT_MODEL_ID;
+use crate::model_args::ModelArgs;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -29,49 +28,15 @@ pub struct ServeArgs {
     #[arg(long, env = "PORT", default_value_t = 7000)]
     pub port: u16,
 
-    /// FLUX.2 model: `4B`, `9B`, a hub repo id, or a local directory in the diffusers layout.
-    #[arg(long, env = "MODEL_ID", default_value = DEFAULT_MODEL_ID)]
-    pub model_id: String,
-
-    /// Hugging Face token; needed only for gated repos (the 9B model). Never logged.
-    #[arg(long, env = "HUGGING_FACE_TOKEN", hide_env_values = true)]
-    pub hf_token: Option<String>,
-
-    /// Alias of HUGGING_FACE_TOKEN, used when that is unset.
-    #[arg(
-        long = "hf-token-alias",
-        env = "HF_TOKEN",
-        hide = true,
-        hide_env_values = true
-    )]
-    pub hf_token_alias: Option<String>,
+    /// Model, token, weight storage, device and dtype (shared with `generate` and `bench`).
+    #[command(flatten)]
+    pub model: ModelArgs,
 
     /// Load the FLUX model at startup. `false`, `0` or `no` skip it: /generate then answers 503,
     /// /upscale still works.
     #[arg(long, env = "PRELOAD_MODELS", default_value = "true", action = clap::ArgAction::Set,
           value_parser = parse_preload)]
     pub preload_models: bool,
-
-    /// Transformer weight storage: `none`, `fp8` or `int8`. Anything else stops startup.
-    #[arg(long, env = "QUANTIZATION", default_value = "none", value_parser = parse_quantization)]
-    pub quantization: Quantization,
-
-    /// Text encoder projection storage: `none`, `fp8` or `int8`; unset follows QUANTIZATION.
-    /// Anything else stops startup.
-    #[arg(long, env = "TEXT_ENCODER_QUANTIZATION",
-          value_parser = crate::flux2::quant::parse_text_encoder_quantization)]
-    pub text_encoder_quantization: Option<Quantization>,
-
-    /// Attention backend: `auto` (self-check the compiled fused backends at model load, use the
-    /// fastest that passes, else `naive`), `naive`, or a backend name (refuses to start if that
-    /// backend is absent or fails its self-check).
-    #[arg(long, env = "ATTENTION", default_value = "auto",
-          value_parser = crate::flux2::attention::parse_attention)]
-    pub attention: crate::flux2::attention::AttentionChoice,
-
-    /// Compute device.
-    #[arg(long, env = "DEVICE", value_enum, default_value_t = DeviceKind::Auto)]
-    pub device: DeviceKind,
 
     /// Log filter: a level (`info`, `debug`, ...) or a tracing-subscriber directive.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
@@ -156,6 +121,63 @@ pub struct ServeArgs {
     #[arg(long, env = "UPSCALER_ALLOW_DOWNLOAD", default_value_t = true, action = clap::ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new())]
     pub upscaler_allow_download: bool,
+
+    /// API keys callers must present (`Authorization: Bearer <key>` or `X-API-Key: <key>`) on
+    /// /generate and /upscale, comma-separated. Unset with no API_KEYS_FILE: the service is
+    /// open to anyone who can reach the port. Never logged.
+    #[arg(long, env = "API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<Secret>,
+
+    /// A file of API keys, one a line (`#` comments); re-read on SIGHUP and when it changes.
+    /// Adds to API_KEYS. A file that cannot be read at start-up stops start-up.
+    #[arg(long, env = "API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// How often the key file is checked for changes, in seconds.
+    #[arg(long, env = "API_KEYS_POLL_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub api_keys_poll_secs: u64,
+
+    /// Require a key for /metrics too (when keys are configured).
+    #[arg(long, env = "PROTECT_METRICS", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub protect_metrics: bool,
+
+    /// Require a key for /docs and /openapi.json too (when keys are configured).
+    #[arg(long, env = "PROTECT_DOCS", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub protect_docs: bool,
+
+    /// Requests per minute each key may make to the protected routes (429 with Retry-After
+    /// beyond it); unset: no limit.
+    #[arg(long, env = "RATE_LIMIT_PER_KEY")]
+    pub rate_limit_per_key: Option<NonZeroU32>,
+}
+
+/// A configured secret: never printed, not even by `Debug`.
+#[derive(Clone, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "Secret(empty)"
+        } else {
+            "Secret(<redacted>)"
+        })
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
 }
 
 impl ServeArgs {
@@ -187,28 +209,17 @@ impl ServeArgs {
         <Bare as clap::Parser>::try_parse_from(args).map(|b| b.serve)
     }
 
-    /// HUGGING_FACE_TOKEN, else HF_TOKEN; empty strings count as unset.
+    /// HUGGING_FACE_TOKEN, else HF_TOKEN (see [`ModelArgs::token`]).
     pub fn token(&self) -> Option<String> {
-        [&self.hf_token, &self.hf_token_alias]
-            .into_iter()
-            .flatten()
-            .find(|t| !t.is_empty())
-            .cloned()
+        self.model.token()
     }
 
-    /// `4B` and `9B` expand to the full repo ids (exact, case-sensitive, as in the original).
     pub fn resolved_model_id(&self) -> String {
-        match self.model_id.as_str() {
-            "4B" => "black-forest-labs/FLUX.2-klein-4B".to_string(),
-            "9B" => "black-forest-labs/FLUX.2-klein-9B".to_string(),
-            other => other.to_string(),
-        }
+        self.model.resolved_model_id()
     }
 
-    /// `TEXT_ENCODER_QUANTIZATION`, else `QUANTIZATION`: whoever picks fp8 to fit a smaller
-    /// card expects the whole model to shrink.
     pub fn resolved_text_encoder_quantization(&self) -> Quantization {
-        self.text_encoder_quantization.unwrap_or(self.quantization)
+        self.model.resolved_text_encoder_quantization()
     }
 
     pub fn download_timeout(&self) -> Duration {
@@ -217,6 +228,15 @@ impl ServeArgs {
 
     pub fn upload_timeout(&self) -> Duration {
         Duration::from_secs(self.upload_timeout_secs)
+    }
+
+    /// What access control needs of the configuration.
+    pub fn auth_config(&self) -> crate::api::auth::AuthConfig {
+        crate::api::auth::AuthConfig {
+            keys: self.api_keys.clone(),
+            keys_file: self.api_keys_file.clone(),
+            rate_limit_per_key: self.rate_limit_per_key,
+        }
     }
 
     /// The upscaler cache folder: the flag, else `~/.cache/realesrgan`.
@@ -234,10 +254,6 @@ fn parse_preload(s: &str) -> Result<bool, String> {
 }
 
 fn parse_upscale_model(s: &str) -> Result<crate::upscale::UpscaleModel, String> {
-    s.parse()
-}
-
-fn parse_quantization(s: &str) -> Result<Quantization, String> {
     s.parse()
 }
 
@@ -298,6 +314,17 @@ mod tests {
             let a = ServeArgs::try_parse_from(["--preload-models", v]).unwrap();
             assert_eq!(a.preload_models, want, "{v}");
         }
+    }
+
+    #[test]
+    fn api_keys_never_appear_in_debug_output() {
+        let a = ServeArgs::try_parse_from(["--api-keys", "sk-very-secret,sk-other"]).unwrap();
+        assert_eq!(
+            a.api_keys.as_ref().unwrap().expose(),
+            "sk-very-secret,sk-other"
+        );
+        let text = format!("{a:?}");
+        assert!(!text.contains("sk-very-secret"), "{text}");
     }
 
     #[test]

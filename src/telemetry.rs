@@ -71,6 +71,21 @@ const HELP: &[(&str, &str, &str)] = &[
         "Requests refused with 503 because the job queue was full.",
     ),
     (
+        "imagegen_requests_by_key_total",
+        "counter",
+        "Admitted requests to protected routes by API key id (a short hash, never the key) and route.",
+    ),
+    (
+        "imagegen_auth_refusals_total",
+        "counter",
+        "Requests refused by access control: reason missing or invalid (401) or rate_limited (429).",
+    ),
+    (
+        "imagegen_auth_reloads_total",
+        "counter",
+        "Times the API key file was re-read with changed contents or on SIGHUP.",
+    ),
+    (
         "imagegen_upload_retries_total",
         "counter",
         "Upload attempts repeated after a connection error or 5xx.",

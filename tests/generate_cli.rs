@@ -161,3 +161,65 @@ fn generate_rejects_a_bad_text_encoder_quantization() {
     assert!(!err.contains("loaded"), "{err}");
     assert!(!out.exists());
 }
+
+/// `generate --dtype bf16 --device cpu` reproduces diffusers' bf16 image of the same noise about
+/// as closely as diffusers' bf16 reproduces its own f32 image (tests/fixtures/flux2/bf16).
+#[test]
+fn generate_bf16_on_cpu_reproduces_diffusers_bf16() {
+    use candle_core::{DType, Tensor};
+    let fx = common::load_safetensors(flux2_fixtures().join("bf16/numerics.safetensors"));
+    let dir = tempfile::tempdir().unwrap();
+    let latents = dir.path().join("latents.safetensors");
+    let noise = fx["e2e.one_step.noise"].clone();
+    candle_core::safetensors::save(&[("latents", noise)].into_iter().collect(), &latents).unwrap();
+    let out = dir.path().join("out.png");
+    let status = Command::new(env!("CARGO_BIN_EXE_imagegen"))
+        .args(["generate", "--model"])
+        .arg(flux2_fixtures().join("tiny-model"))
+        .args(["--prompt", "a red fox in the snow", "--width", "64"])
+        .args(["--height", "48", "--steps", "1", "--device", "cpu"])
+        .args(["--dtype", "bf16", "--latents"])
+        .arg(&latents)
+        .arg("--output")
+        .arg(&out)
+        .env_remove("MODEL_ID")
+        .env_remove("QUANTIZATION")
+        .env_remove("TEXT_ENCODER_QUANTIZATION")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let png = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(png.dimensions(), (64, 48));
+    // PNG [H, W, 3] u8 → [1, 3, H, W] in 0..1, as diffusers' output_type="pt".
+    let ours = Tensor::from_vec(png.into_raw(), (48, 64, 3), &candle_core::Device::Cpu)
+        .unwrap()
+        .permute((2, 0, 1))
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .affine(1.0 / 255.0, 0.0)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mean_abs = |a: &Tensor, b: &Tensor| {
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let theirs = &fx["e2e.one_step.image.bf16"];
+    let theirs_drift = mean_abs(theirs, &fx["e2e.one_step.image.f32"]);
+    let ours_vs_theirs = mean_abs(&ours, theirs);
+    eprintln!(
+        "ours (PNG) vs diffusers bf16 {ours_vs_theirs:e}, diffusers bf16 vs f32 {theirs_drift:e}"
+    );
+    // The PNG's own rounding (±0.5 level, mean ~1/1020) comes on top of the bf16 differences.
+    assert!(
+        ours_vs_theirs <= 1.5 * theirs_drift,
+        "{ours_vs_theirs} vs {theirs_drift}"
+    );
+}

@@ -1,5 +1,6 @@
 //! The HTTP API (axum): routes, request/response schemas, errors, OpenAPI, startup, shutdown.
 
+pub mod auth;
 mod errors;
 pub mod openapi;
 mod routes;
@@ -27,6 +28,7 @@ use crate::device::GpuInfo;
 use crate::engine::{Admission, BackendLoader, Engine, ImageBackend, UpscaleBackend};
 use crate::flux2::Quantization;
 use crate::io::{FetchConfig, Fetcher, UploadConfig, Uploader, UrlPolicy};
+use crate::model_args::dtype_name;
 use crate::telemetry::{self, Metrics, labels};
 
 /// The API version the root endpoint reports (the original's, since the API is the same).
@@ -42,8 +44,14 @@ pub struct AppState {
     pub model_id: String,
     pub quantization: Quantization,
     pub text_encoder_quantization: Quantization,
+    /// Compute dtype of the models (`DTYPE`, else the device's default).
+    pub dtype: candle_core::DType,
     pub max_input_pixels: u64,
     pub retry_after_secs: u64,
+    pub auth: Arc<auth::Auth>,
+    /// Keys also guard /metrics (PROTECT_METRICS) and /docs + /openapi.json (PROTECT_DOCS).
+    pub protect_metrics: bool,
+    pub protect_docs: bool,
 }
 
 impl AppState {
@@ -62,20 +70,32 @@ impl AppState {
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The router with every route and middleware.
+/// The router with every route and middleware. The probes (`/`, `/health`, `/ready`, `/live`)
+/// are always open: load balancers call them without a key.
 pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    let key = middleware::from_fn_with_state(state.auth.clone(), auth::require_key);
+    let guard =
+        |r: Router<Arc<AppState>>, on: bool| if on { r.route_layer(key.clone()) } else { r };
+    let jobs = Router::new()
+        .route("/generate", post(routes::generate))
+        .route("/upscale", post(routes::upscale));
+    let metrics = Router::new().route("/metrics", get(routes::metrics));
     let api = Router::new()
         .route("/", get(routes::root))
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
         .route("/live", get(routes::live))
-        .route("/metrics", get(routes::metrics))
-        .route("/generate", post(routes::generate))
-        .route("/upscale", post(routes::upscale))
+        .merge(guard(metrics, state.protect_metrics))
+        .merge(guard(jobs, true))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state.clone());
+    let docs = if state.protect_docs {
+        openapi::docs_router().route_layer(key)
+    } else {
+        openapi::docs_router()
+    };
     Router::new()
-        .merge(openapi::docs_router())
+        .merge(docs)
         .merge(api)
         .layer(middleware::from_fn_with_state(state, count_requests))
         .layer(
@@ -129,9 +149,10 @@ pub async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let device = args
+        .model
         .device
         .open()
-        .with_context(|| format!("cannot open device '{:?}' (DEVICE)", args.device))?;
+        .with_context(|| format!("cannot open device '{:?}' (DEVICE)", args.model.device))?;
     let loader = crate::engine::models::flux_loader(&args, &device);
     let upscaler = crate::engine::models::upscaler(&args, &device);
     run(listener, args, device.is_cuda(), loader, upscaler, shutdown).await
@@ -155,11 +176,13 @@ pub async fn run<B: ImageBackend, U: UpscaleBackend>(
         );
     }
     let model_id = args.resolved_model_id();
+    let dtype = args.model.resolved_dtype_on(on_gpu);
     tracing::info!(
         addr = %listener.local_addr()?,
         model_id,
-        quantization = %args.quantization,
+        quantization = %args.model.quantization,
         text_encoder_quantization = %args.resolved_text_encoder_quantization(),
+        dtype = %dtype_name(dtype),
         preload = args.preload_models,
         device = if on_gpu { "cuda" } else { "cpu" },
         token = if args.token().is_some() { "set" } else { "unset" },
@@ -167,6 +190,22 @@ pub async fn run<B: ImageBackend, U: UpscaleBackend>(
         "STARTING IMAGE-GEN SERVER"
     );
     let metrics = Arc::new(Metrics::default());
+    let auth = Arc::new(auth::Auth::new(&args.auth_config(), metrics.clone())?);
+    match auth.mode() {
+        auth::AuthMode::None => tracing::warn!(
+            "NO API KEY CONFIGURED: anyone who can reach this port can run the GPU and make the \
+             server PUT to any URL. Set API_KEYS or API_KEYS_FILE (see README-VASTAI.md)."
+        ),
+        auth::AuthMode::ApiKey => tracing::info!(
+            keys = auth.key_count(),
+            key_file = ?args.api_keys_file,
+            rate_limit_per_key = ?args.rate_limit_per_key,
+            protect_metrics = args.protect_metrics,
+            protect_docs = args.protect_docs,
+            "API keys required on /generate and /upscale"
+        ),
+    }
+    auth.watch(Duration::from_secs(args.api_keys_poll_secs));
     let loader = if args.preload_models { loader } else { None };
     let engine = Engine::start(args.queue_size as usize, loader, upscaler, metrics.clone())?;
     let state = Arc::new(AppState {
@@ -189,10 +228,14 @@ pub async fn run<B: ImageBackend, U: UpscaleBackend>(
             ..Default::default()
         }),
         model_id,
-        quantization: args.quantization,
+        quantization: args.model.quantization,
         text_encoder_quantization: args.resolved_text_encoder_quantization(),
+        dtype,
         max_input_pixels: args.max_input_pixels,
         retry_after_secs: args.retry_after_secs,
+        auth,
+        protect_metrics: args.protect_metrics,
+        protect_docs: args.protect_docs,
     });
     if on_gpu {
         tokio::spawn(sample_gpu(Arc::downgrade(&state)));

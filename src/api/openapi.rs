@@ -2,7 +2,8 @@
 //! binary: no CDN), as FastAPI users expect.
 
 use axum::Router;
-use utoipa::OpenApi;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
 use super::routes;
@@ -13,6 +14,7 @@ use super::schemas::{
 
 #[derive(OpenApi)]
 #[openapi(
+    modifiers(&KeySchemes),
     info(
         title = "Image-Gen API",
         description = "FLUX.2 klein batch image generation",
@@ -42,6 +44,33 @@ use super::schemas::{
     ))
 )]
 pub struct ApiDoc;
+
+/// The two ways to present an API key, so /docs can send one ("Authorize").
+struct KeySchemes;
+
+impl Modify for KeySchemes {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "API_KEYS / API_KEYS_FILE key as `Authorization: Bearer <key>`",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "X-API-Key",
+                "the same key in the X-API-Key header",
+            ))),
+        );
+    }
+}
 
 /// `/docs` (Swagger UI) and `/openapi.json`.
 pub fn docs_router() -> Router {

@@ -65,11 +65,13 @@ pub async fn health(State(app): State<Arc<AppState>>) -> Json<HealthResponse> {
         model_id: app.model_id.clone(),
         quantization: app.quantization.to_string(),
         text_encoder_quantization: app.text_encoder_quantization.to_string(),
+        dtype: crate::model_args::dtype_name(app.dtype),
         version: env!("CARGO_PKG_VERSION").into(),
         queue_depth: state.queue_depth(),
         queue_capacity: state.queue_capacity(),
         error: state.model_error(),
         attention: state.attention(),
+        auth: app.auth.mode().as_str().into(),
     })
 }
 
@@ -267,8 +269,11 @@ async fn encode_and_upload(
 #[utoipa::path(
     post, path = "/generate",
     request_body = schemas::GenerateRequest,
+    security((), ("bearer" = []), ("api_key" = [])),
     responses(
         (status = 200, description = "Per-item results (success=false items carry an error)", body = GenerateResponse),
+        (status = 401, description = "Missing or wrong API key (when keys are configured); WWW-Authenticate: Bearer", body = ErrorBody),
+        (status = 429, description = "Per-key rate limit (RATE_LIMIT_PER_KEY) exceeded; Retry-After", body = ErrorBody),
         (status = 422, description = "Invalid body", body = ValidationErrorBody),
         (status = 503, description = "Model not loaded, or queue full (Retry-After)", body = ErrorBody),
     )
@@ -394,8 +399,11 @@ pub async fn generate(
 #[utoipa::path(
     post, path = "/upscale",
     request_body = schemas::UpscaleRequest,
+    security((), ("bearer" = []), ("api_key" = [])),
     responses(
         (status = 200, description = "Result (success=false carries an error)", body = UpscaleResponse),
+        (status = 401, description = "Missing or wrong API key (when keys are configured); WWW-Authenticate: Bearer", body = ErrorBody),
+        (status = 429, description = "Per-key rate limit (RATE_LIMIT_PER_KEY) exceeded; Retry-After", body = ErrorBody),
         (status = 422, description = "Invalid body", body = ValidationErrorBody),
         (status = 503, description = "Queue full (Retry-After)", body = ErrorBody),
     )

@@ -161,6 +161,8 @@ pub struct HealthResponse {
     pub quantization: String,
     /// Text encoder projection storage (`TEXT_ENCODER_QUANTIZATION`, else `QUANTIZATION`).
     pub text_encoder_quantization: String,
+    /// Compute dtype (`DTYPE`: `f32`, `bf16` or `f16`; default bf16 on CUDA, f32 on CPU).
+    pub dtype: String,
     pub version: String,
     /// Jobs waiting for the GPU worker.
     pub queue_depth: usize,
@@ -170,6 +172,8 @@ pub struct HealthResponse {
     /// Attention backend the DiT uses and each candidate's load-time self-check (ok, time,
     /// max error, why not used); absent until the model has loaded.
     pub attention: Option<crate::flux2::attention::AttentionReport>,
+    /// Access control: `none` (open: no API key configured) or `api_key`.
+    pub auth: String,
 }
 
 /// `GET /`.

@@ -21,19 +21,18 @@ use self::harness::skipped;
 use self::memory::MemProbe;
 use self::random::RandomBackend;
 use self::report::{CaseResult, Report, Stages};
-use crate::device::{DeviceKind, default_dtype};
-use crate::flux2::Quantization;
 use crate::flux2::pipeline::{Flux2Pipeline, GenerateParams, LoadOptions, StageTimings};
 use crate::flux2::weights::ModelFiles;
+use crate::model_args::{ModelArgs, dtype_name};
 use crate::upscale::rrdbnet::{RrdbConfig, RrdbNet};
 use crate::upscale::{Network, UpscaleModel, Upscaler, UpscalerOptions};
 
 /// Arguments of `imagegen bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Model: `4B`, `9B`, a hub repo id or a local directory (diffusers layout).
-    #[arg(long, env = "MODEL_ID", default_value = "4B")]
-    pub model: String,
+    /// Model, token, weight storage, device and dtype (shared with `serve` and `generate`).
+    #[command(flatten)]
+    pub model: ModelArgs,
 
     /// Build the architecture with RANDOM weights instead of loading any: `4B`, `9B`, or a model
     /// directory whose config.json files (and tokenizer) define it. Timing and memory match real
@@ -45,26 +44,6 @@ pub struct BenchArgs {
     /// encoder always sees 512 tokens).
     #[arg(long, default_value = "tests/fixtures/flux2/tiny-model/tokenizer")]
     pub tokenizer: PathBuf,
-
-    /// Transformer weight storage: none, fp8 or int8.
-    #[arg(long, env = "QUANTIZATION", default_value = "none")]
-    pub quantization: Quantization,
-
-    /// Text encoder projection storage: none, fp8 or int8; unset follows QUANTIZATION.
-    #[arg(long, env = "TEXT_ENCODER_QUANTIZATION",
-          value_parser = crate::flux2::quant::parse_text_encoder_quantization)]
-    pub text_encoder_quantization: Option<Quantization>,
-
-    /// Attention backend: `auto` (self-check the compiled fused backends at model load, use the
-    /// fastest that passes, else `naive`), `naive`, or a backend name (refuses to start if that
-    /// backend is absent or fails its self-check).
-    #[arg(long, env = "ATTENTION", default_value = "auto",
-          value_parser = crate::flux2::attention::parse_attention)]
-    pub attention: crate::flux2::attention::AttentionChoice,
-
-    /// Compute device.
-    #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
-    pub device: DeviceKind,
 
     /// Comma-separated cases: ids (`load`, `t2i-WxH`, `refsN-WxH`, `upscale-x4plus-S`), prefixes
     /// ending in `*` (`t2i-*`), or `all`.
@@ -105,13 +84,6 @@ pub struct BenchArgs {
     pub md_out: Option<PathBuf>,
 }
 
-impl BenchArgs {
-    /// `--text-encoder-quantization`, else `--quantization`.
-    fn te_quantization(&self) -> Quantization {
-        self.text_encoder_quantization.unwrap_or(self.quantization)
-    }
-}
-
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let cases = cases::select(&args.cases).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(
@@ -119,8 +91,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--ref-size {} is below the minimum 64",
         args.ref_size
     );
-    let device = args.device.open()?;
-    let dtype = default_dtype(&device);
+    let device = args.model.device.open()?;
+    let dtype = args.model.resolved_dtype(&device);
     let probe = MemProbe::new(&device)?;
     let random = args.random_weights.is_some();
     if random {
@@ -133,10 +105,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         model: args
             .random_weights
             .clone()
-            .unwrap_or_else(|| args.model.clone()),
-        quantization: args.quantization.to_string(),
-        text_encoder_quantization: args.te_quantization().to_string(),
-        dtype: format!("{dtype:?}").to_lowercase(),
+            .unwrap_or_else(|| args.model.model_id.clone()),
+        quantization: args.model.quantization.to_string(),
+        text_encoder_quantization: args.model.resolved_text_encoder_quantization().to_string(),
+        dtype: dtype_name(dtype),
         device: if device.is_cuda() { "cuda" } else { "cpu" }.into(),
         device_name: device_name(&device),
         num_steps: args.steps,
@@ -254,13 +226,13 @@ type Loaded = (Flux2Pipeline, Option<(usize, u64)>);
 
 fn load_pipeline(args: &BenchArgs, device: &Device, dtype: DType) -> anyhow::Result<Loaded> {
     let opts = LoadOptions {
-        model_id: args.model.clone(),
-        quantization: args.quantization,
-        text_encoder_quantization: args.te_quantization(),
+        model_id: args.model.model_id.clone(),
+        quantization: args.model.quantization,
+        text_encoder_quantization: args.model.resolved_text_encoder_quantization(),
         device: device.clone(),
         dtype,
-        hf_token: crate::flux2::weights::hf_token_from_env(),
-        attention: args.attention.clone(),
+        hf_token: args.model.token(),
+        attention: args.model.attention.clone(),
     };
     let Some(spec) = &args.random_weights else {
         return Ok((Flux2Pipeline::load(&opts)?, None));

@@ -6,17 +6,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use candle_core::Device;
 
-use crate::device::{DeviceKind, default_dtype};
-use crate::flux2::Quantization;
 use crate::flux2::pipeline::{Flux2Pipeline, GenerateParams, LoadOptions};
-use crate::flux2::weights::{DEFAULT_MODEL_ID, hf_token_from_env};
+use crate::model_args::{ModelArgs, dtype_name};
 
 /// Arguments of `imagegen generate`.
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
-    /// Local diffusers-layout directory, hub repo id, or 4B / 9B.
-    #[arg(long, env = "MODEL_ID", default_value = DEFAULT_MODEL_ID)]
-    pub model: String,
+    /// Model, token, weight storage, device and dtype (shared with `serve` and `bench`).
+    #[command(flatten)]
+    pub model: ModelArgs,
     #[arg(long)]
     pub prompt: String,
     /// Floored to a multiple of 16.
@@ -40,23 +38,6 @@ pub struct GenerateArgs {
     /// Safetensors file with one f32 tensor `latents` [1, 128, H/16, W/16] replacing the noise.
     #[arg(long)]
     pub latents: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
-    pub device: DeviceKind,
-    /// Transformer weight storage: none, fp8 or int8.
-    #[arg(long, env = "QUANTIZATION", default_value = "none")]
-    pub quantization: Quantization,
-
-    /// Text encoder projection storage: none, fp8 or int8; unset follows QUANTIZATION.
-    #[arg(long, env = "TEXT_ENCODER_QUANTIZATION",
-          value_parser = crate::flux2::quant::parse_text_encoder_quantization)]
-    pub text_encoder_quantization: Option<Quantization>,
-
-    /// Attention backend: `auto` (self-check the compiled fused backends at model load, use the
-    /// fastest that passes, else `naive`), `naive`, or a backend name (refuses to start if that
-    /// backend is absent or fails its self-check).
-    #[arg(long, env = "ATTENTION", default_value = "auto",
-          value_parser = crate::flux2::attention::parse_attention)]
-    pub attention: crate::flux2::attention::AttentionChoice,
     /// Output PNG.
     #[arg(long)]
     pub output: PathBuf,
@@ -78,8 +59,8 @@ fn load_latents(path: &PathBuf, device: &Device) -> anyhow::Result<candle_core::
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let device = args.device.open()?;
-    let dtype = default_dtype(&device);
+    let device = args.model.device.open()?;
+    let dtype = args.model.resolved_dtype(&device);
     let references = args
         .references
         .iter()
@@ -101,27 +82,27 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             .unwrap_or(0)
     });
 
-    let te_quant = args.text_encoder_quantization.unwrap_or(args.quantization);
+    let te_quant = args.model.resolved_text_encoder_quantization();
     let t = std::time::Instant::now();
     let pipeline = Flux2Pipeline::load(&LoadOptions {
-        model_id: args.model.clone(),
-        quantization: args.quantization,
+        model_id: args.model.model_id.clone(),
+        quantization: args.model.quantization,
         text_encoder_quantization: te_quant,
         device: device.clone(),
         dtype,
-        hf_token: hf_token_from_env(),
-        attention: args.attention.clone(),
+        hf_token: args.model.token(),
+        attention: args.model.attention.clone(),
     })?;
     eprintln!(
         "attention: {}",
         serde_json::to_string(pipeline.attention_report())?
     );
     eprintln!(
-        "loaded {} on {:?} ({:?}; transformer {}, text encoder {}) in {:.1}s",
+        "loaded {} on {:?} ({}; transformer {}, text encoder {}) in {:.1}s",
         pipeline.model_id(),
         device,
-        dtype,
-        args.quantization,
+        dtype_name(dtype),
+        args.model.quantization,
         te_quant,
         t.elapsed().as_secs_f64()
     );

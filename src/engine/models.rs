@@ -5,7 +5,6 @@ use image::RgbImage;
 
 use super::{BackendLoader, EngineError, ImageBackend, ItemParams, Upscale, UpscaleBackend};
 use crate::config::ServeArgs;
-use crate::device::default_dtype;
 use crate::flux2::attention::AttentionReport;
 use crate::flux2::pipeline::{
     Flux2Error, Flux2Pipeline, GenerateParams, LoadOptions, ReferenceLatents,
@@ -72,12 +71,12 @@ impl ImageBackend for Flux {
 pub fn flux_loader(args: &ServeArgs, device: &Device) -> Option<BackendLoader<Flux>> {
     let opts = LoadOptions {
         model_id: args.resolved_model_id(),
-        quantization: args.quantization,
+        quantization: args.model.quantization,
         text_encoder_quantization: args.resolved_text_encoder_quantization(),
         device: device.clone(),
-        dtype: default_dtype(device),
+        dtype: args.model.resolved_dtype(device),
         hf_token: args.token(),
-        attention: args.attention.clone(),
+        attention: args.model.attention.clone(),
     };
     Some(Box::new(move || {
         tracing::info!(

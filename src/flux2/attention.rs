@@ -106,7 +106,10 @@ impl FromStr for AttentionChoice {
         match s.as_str() {
             "auto" | "" => Ok(Self::Auto),
             NAIVE => Ok(Self::Naive),
-            name if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => {
+            name if name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+            {
                 Ok(Self::Named(name.to_string()))
             }
             _ => Err(format!(
@@ -250,7 +253,10 @@ struct Case {
     reference: Tensor,
 }
 
-fn run_caught(kernel: &dyn AttentionKernel, inputs: &[Tensor; 3]) -> std::result::Result<Tensor, String> {
+fn run_caught(
+    kernel: &dyn AttentionKernel,
+    inputs: &[Tensor; 3],
+) -> std::result::Result<Tensor, String> {
     match catch_unwind(AssertUnwindSafe(|| {
         kernel.forward(&inputs[0], &inputs[1], &inputs[2])
     })) {
@@ -261,12 +267,20 @@ fn run_caught(kernel: &dyn AttentionKernel, inputs: &[Tensor; 3]) -> std::result
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let d = (a.to_dtype(DType::F32)? - b)?.abs()?.flatten_all()?.max(0)?;
+    let d = (a.to_dtype(DType::F32)? - b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?;
     Ok(d.to_scalar::<f32>()? as f64)
 }
 
 /// Checks and times one backend on every case.
-fn check(kernel: &dyn AttentionKernel, cases: &[Case], plan: &CheckPlan, device: &Device) -> CandidateReport {
+fn check(
+    kernel: &dyn AttentionKernel,
+    cases: &[Case],
+    plan: &CheckPlan,
+    device: &Device,
+) -> CandidateReport {
     let tol = tolerance(plan.dtype);
     let mut report = CandidateReport {
         name: kernel.name().to_string(),
@@ -289,13 +303,18 @@ fn check(kernel: &dyn AttentionKernel, cases: &[Case], plan: &CheckPlan, device:
         };
         let expected = (shape.batch, shape.seq, shape.heads * shape.head_dim);
         if out.dims() != [expected.0, expected.1, expected.2] {
-            report.reason = Some(format!("output shape {:?}, expected {expected:?}", out.dims()));
+            report.reason = Some(format!(
+                "output shape {:?}, expected {expected:?}",
+                out.dims()
+            ));
             return report;
         }
         match max_abs_diff(&out, &case.reference) {
             Ok(e) if e.is_finite() => worst = worst.max(e),
             Ok(e) => {
-                report.reason = Some(format!("non-finite output (max error {e}, shape {shape:?})"));
+                report.reason = Some(format!(
+                    "non-finite output (max error {e}, shape {shape:?})"
+                ));
                 return report;
             }
             Err(e) => {
@@ -445,8 +464,10 @@ pub fn select(
     report.naive = Some(naive);
     for r in &report.candidates {
         match &r.reason {
-            None => tracing::info!(backend = %r.name, time_ms = ?r.time_ms, max_error = ?r.max_error,
-                "attention backend selected"),
+            None => {
+                tracing::info!(backend = %r.name, time_ms = ?r.time_ms, max_error = ?r.max_error,
+                "attention backend selected")
+            }
             Some(why) => tracing::warn!(backend = %r.name, reason = %why, max_error = ?r.max_error,
                 "attention backend not used"),
         }
@@ -469,7 +490,12 @@ fn build_cases(plan: &CheckPlan, device: &Device) -> Result<Vec<Case>> {
 
 /// The shapes the DiT runs: joint attention (512 text tokens + the image tokens) at the largest
 /// side the service accepts and at a small one (256², 256 image tokens), batch 1.
-pub fn model_check_shapes(heads: usize, head_dim: usize, text_tokens: usize, max_side: u32) -> Vec<CheckShape> {
+pub fn model_check_shapes(
+    heads: usize,
+    head_dim: usize,
+    text_tokens: usize,
+    max_side: u32,
+) -> Vec<CheckShape> {
     let tokens = |side: u32| (side as usize / 16).pow(2);
     [max_side, 256]
         .into_iter()
@@ -496,13 +522,21 @@ pub fn report_metrics(report: &AttentionReport) -> String {
     );
     let all: Vec<&CandidateReport> = report.naive.iter().chain(&report.candidates).collect();
     let families: [(&str, &str, fn(&CandidateReport) -> Option<f64>); 3] = [
-        ("imagegen_attention_check_ok", "1 if the backend passed its load-time self-check.", |r| {
-            Some(r.ok as u8 as f64)
-        }),
-        ("imagegen_attention_check_seconds", "Self-check time per call, summed over the checked shapes.", |r| {
-            r.time_ms.map(|t| t / 1000.0)
-        }),
-        ("imagegen_attention_check_max_error", "Largest |output - f32 reference| in the self-check.", |r| r.max_error),
+        (
+            "imagegen_attention_check_ok",
+            "1 if the backend passed its load-time self-check.",
+            |r| Some(r.ok as u8 as f64),
+        ),
+        (
+            "imagegen_attention_check_seconds",
+            "Self-check time per call, summed over the checked shapes.",
+            |r| r.time_ms.map(|t| t / 1000.0),
+        ),
+        (
+            "imagegen_attention_check_max_error",
+            "Largest |output - f32 reference| in the self-check.",
+            |r| r.max_error,
+        ),
     ];
     for (name, help, value) in families {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");

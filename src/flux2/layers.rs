@@ -1,6 +1,8 @@
 //! Building blocks shared by the FLUX.2 models.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
+
+use crate::nn::matmul;
 use candle_nn::VarBuilder;
 
 /// RMSNorm with a learned `weight` (Qwen3's layer and QK norms, the DiT's QK norms), through
@@ -25,7 +27,17 @@ impl RmsNorm {
 }
 
 impl Module for RmsNorm {
+    /// On the CPU in bf16/f16, candle's kernel rounds the row's RMS to the input dtype and then
+    /// divides and scales in it (three roundings, the first shared by the whole row); PyTorch
+    /// (diffusers' and transformers' RMSNorm) normalises in f32. There we normalise in f32 and
+    /// round once. CUDA's kernel already works in f32; f32 inputs take the fused kernel as is.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        if dt != DType::F32 && x.device().is_cpu() {
+            let w = self.weight.to_dtype(DType::F32)?;
+            return candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?.contiguous()?, &w, self.eps)?
+                .to_dtype(dt);
+        }
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
     }
 }
@@ -42,6 +54,13 @@ pub(crate) fn chunked_attention(
     max_scores: usize,
 ) -> Result<Tensor> {
     let d = q.dim(3)?;
+    // On the CPU a bf16 q is scaled in f32 and kept there (the scores are f32 anyway), so the
+    // scale adds no rounding, as in PyTorch's attention where it multiplies the f32 scores.
+    let q = if q.device().is_cpu() && q.dtype() != DType::F32 {
+        q.to_dtype(DType::F32)?
+    } else {
+        q.clone()
+    };
     chunked_attention_prescaled(&(q * (1.0 / (d as f64).sqrt()))?, k, v, max_scores)
 }
 
@@ -67,8 +86,8 @@ pub(crate) fn chunked_attention_prescaled(
     let mut start = 0;
     while start < s {
         let n = rows.min(s - start);
-        let scores = q.narrow(2, start, n)?.matmul(&kt)?;
-        outs.push(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?);
+        let probs = attention_probs(&q.narrow(2, start, n)?, &kt, v.dtype())?;
+        outs.push(matmul::matmul(&probs, &v)?);
         start += n;
     }
     let out = if outs.len() == 1 {
@@ -77,6 +96,19 @@ pub(crate) fn chunked_attention_prescaled(
         Tensor::cat(&outs, 2)?
     };
     out.transpose(1, 2)?.reshape((b, s, h * d))
+}
+
+/// softmax(q·kᵀ) in `dtype` (the values' dtype). On the CPU the scores and the softmax stay in f32, as in
+/// PyTorch's CPU attention kernel (f32 scores and sums, probabilities rounded for the value
+/// product): candle's CPU softmax in bf16 would both round every score to 8 bits and sum the
+/// exponentials in bf16. On CUDA candle's softmax kernel accumulates in f32 already. With f32
+/// inputs this is exactly `softmax(q.matmul(kt))`.
+fn attention_probs(q: &Tensor, kt: &Tensor, dtype: DType) -> Result<Tensor> {
+    if q.device().is_cpu() {
+        let scores = matmul::matmul_f32(q, kt)?;
+        return candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype);
+    }
+    candle_nn::ops::softmax_last_dim(&q.matmul(kt)?)
 }
 
 #[cfg(test)]

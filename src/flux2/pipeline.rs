@@ -90,7 +90,8 @@ pub struct LoadOptions {
     /// unset `TEXT_ENCODER_QUANTIZATION` to `quantization`).
     pub text_encoder_quantization: Quantization,
     pub device: Device,
-    /// bf16 on CUDA, f32 on CPU (the VAE always runs f32 on CPU: candle has no bf16 CPU conv).
+    /// Compute dtype of all three models (`--dtype`; default bf16 on CUDA, f32 on CPU). Every
+    /// dtype runs on the CPU (see docs/numerics.md).
     pub dtype: DType,
     pub hf_token: Option<String>,
     /// Attention backend (`ATTENTION`): `auto` self-checks the compiled fused backends at load.
@@ -131,6 +132,10 @@ impl ReferenceLatents {
     }
     pub fn is_empty(&self) -> bool {
         self.count == 0
+    }
+    /// The packed reference tokens [1, N_ref, 128] in the compute dtype (`None` without images).
+    pub fn tokens(&self) -> Option<&Tensor> {
+        self.tokens.as_ref()
     }
     /// Number of reference tokens appended to the sequence.
     pub fn num_tokens(&self) -> usize {
@@ -219,9 +224,22 @@ fn transformer_config(files: &ModelFiles) -> Result<Flux2TransformerConfig, Flux
         .map_err(|message| WeightsError::BadFile { file: bfl, message }.into())
 }
 
-/// The VAE runs in f32 on the CPU, where candle's conv2d has no bf16 kernel.
-fn vae_dtype(device: &Device, dtype: DType) -> DType {
-    if device.is_cpu() { DType::F32 } else { dtype }
+/// The VAE runs in the compute dtype on every device (bf16 convs on the CPU go through f32, see
+/// `nn::conv`).
+fn vae_dtype(_device: &Device, dtype: DType) -> DType {
+    dtype
+}
+
+/// The timestep the transformer gets at σ: diffusers takes t = σ·1000 from the scheduler (f32),
+/// casts it to the latents' dtype and divides by 1000 in that dtype; the transformer casts
+/// again and multiplies by 1000. Rounded the same way here, so bf16 sees the same t.
+fn timestep_value(sigma: f32, dtype: DType) -> f32 {
+    let t = sigma * 1000.0;
+    match dtype {
+        DType::BF16 => (half::bf16::from_f32(t) / half::bf16::from_f32(1000.0)).to_f32(),
+        DType::F16 => (half::f16::from_f32(t) / half::f16::from_f32(1000.0)).to_f32(),
+        _ => t / 1000.0,
+    }
 }
 
 /// Position ids (t, row, col, 0) of an h×w token grid, row-major.
@@ -521,8 +539,7 @@ impl Flux2Pipeline {
             if cancelled() {
                 return Err(Flux2Error::Cancelled);
             }
-            // diffusers: t = σ·1000 (f32), passed as t / 1000.
-            let ts = (sigmas[i] * 1000.0) / 1000.0;
+            let ts = timestep_value(sigmas[i], self.dtype);
             let input = match &ref_tokens {
                 Some(r) => Tensor::cat(&[&latents, r], 1)?,
                 None => latents.clone(),

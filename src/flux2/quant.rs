@@ -208,7 +208,7 @@ impl Module for QLinear {
             Weight::Dense(w) => w.clone(),
             _ => self.dequantized_weight(x.dtype())?,
         };
-        x.broadcast_matmul(&w.t()?)
+        crate::nn::matmul::broadcast_matmul(x, &w.t()?)
     }
 }
 

@@ -113,12 +113,14 @@ impl Attention {
         let v = repeat_kv(v.contiguous()?, groups)?;
 
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+        // Scores in f32 (PyTorch's attention keeps them there); bit-identical for f32 inputs.
+        let scores =
+            (crate::nn::matmul::matmul_f32(&q.contiguous()?, &k.t()?.contiguous()?)? * scale)?;
         // Mask and softmax in f32: pad keys get exactly zero weight in any compute dtype.
         let probs =
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?.broadcast_add(mask)?)?
                 .to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?; // [B, H, L, hd]
+        let out = crate::nn::matmul::matmul(&probs, &v)?; // [B, H, L, hd]
         let out = out
             .transpose(1, 2)?
             .reshape((b, l, self.num_heads * self.head_dim))?;
@@ -157,7 +159,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        let gate = crate::nn::silu(&self.gate_proj.forward(x)?)?;
         self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
     }
 }

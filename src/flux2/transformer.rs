@@ -299,7 +299,7 @@ struct FeedForward {
 
 fn swiglu(x: &Tensor) -> Result<Tensor> {
     let c = x.chunk(2, D::Minus1)?;
-    candle_nn::ops::silu(&c[0])? * &c[1]
+    crate::nn::silu(&c[0])? * &c[1]
 }
 
 impl FeedForward {
@@ -502,6 +502,18 @@ impl Flux2Transformer2DModel {
         }
         let d = cfg.inner_dim();
         let te = vb.pp("time_guidance_embed").pp("timestep_embedder");
+        // A checkpoint that stores its block Linears as scaled fp8 (BFL fp8 files) stores the
+        // others (embedders, modulation, output) in bf16 on purpose; with QUANTIZATION=fp8 they
+        // are kept as stored, as every loader of those files does, instead of being
+        // re-quantised on top (2.4x the reference's error on the tiny model, docs/numerics.md).
+        let stored_fp8 = q == Quantization::Fp8
+            && vb
+                .pp("transformer_blocks")
+                .pp(0)
+                .pp("attn")
+                .pp("to_q")
+                .contains_tensor(&format!("weight{}", super::weights::RAW_FP8_SUFFIX));
+        let q_outer = if stored_fp8 { Quantization::None } else { q };
         let double = (0..cfg.num_layers)
             .map(|i| DoubleBlock::new(cfg, vb.pp("transformer_blocks").pp(i), q))
             .collect::<Result<Vec<_>>>()?;
@@ -509,22 +521,27 @@ impl Flux2Transformer2DModel {
             .map(|i| SingleBlock::new(cfg, vb.pp("single_transformer_blocks").pp(i), q))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            x_embedder: linear_no_bias(cfg.in_channels, d, vb.pp("x_embedder"), q)?,
+            x_embedder: linear_no_bias(cfg.in_channels, d, vb.pp("x_embedder"), q_outer)?,
             context_embedder: linear_no_bias(
                 cfg.joint_attention_dim,
                 d,
                 vb.pp("context_embedder"),
-                q,
+                q_outer,
             )?,
-            time_linear_1: linear_no_bias(cfg.timestep_guidance_channels, d, te.pp("linear_1"), q)?,
-            time_linear_2: linear_no_bias(d, d, te.pp("linear_2"), q)?,
-            mod_img: Modulation::new(d, 2, vb.pp("double_stream_modulation_img"), q)?,
-            mod_txt: Modulation::new(d, 2, vb.pp("double_stream_modulation_txt"), q)?,
-            mod_single: Modulation::new(d, 1, vb.pp("single_stream_modulation"), q)?,
+            time_linear_1: linear_no_bias(
+                cfg.timestep_guidance_channels,
+                d,
+                te.pp("linear_1"),
+                q_outer,
+            )?,
+            time_linear_2: linear_no_bias(d, d, te.pp("linear_2"), q_outer)?,
+            mod_img: Modulation::new(d, 2, vb.pp("double_stream_modulation_img"), q_outer)?,
+            mod_txt: Modulation::new(d, 2, vb.pp("double_stream_modulation_txt"), q_outer)?,
+            mod_single: Modulation::new(d, 1, vb.pp("single_stream_modulation"), q_outer)?,
             double,
             single,
-            norm_out_linear: linear_no_bias(d, 2 * d, vb.pp("norm_out").pp("linear"), q)?,
-            proj_out: linear_no_bias(d, cfg.out_channels(), vb.pp("proj_out"), q)?,
+            norm_out_linear: linear_no_bias(d, 2 * d, vb.pp("norm_out").pp("linear"), q_outer)?,
+            proj_out: linear_no_bias(d, cfg.out_channels(), vb.pp("proj_out"), q_outer)?,
             ln: PlainLayerNorm::new(d, cfg.eps, vb.dtype(), vb.device())?,
             time_freqs: time_freqs(cfg.timestep_guidance_channels, vb.device())?,
             attention: Attention::naive(),
@@ -586,8 +603,8 @@ impl Flux2Transformer2DModel {
         let proj = self.time_proj(timestep)?;
         let temb = self
             .time_linear_2
-            .forward(&candle_nn::ops::silu(&self.time_linear_1.forward(&proj)?)?)?;
-        let silu_temb = candle_nn::ops::silu(&temb)?;
+            .forward(&crate::nn::silu(&self.time_linear_1.forward(&proj)?)?)?;
+        let silu_temb = crate::nn::silu(&temb)?;
         let mod_img = self.mod_img.forward(&silu_temb)?;
         let mod_txt = self.mod_txt.forward(&silu_temb)?;
         let mod_single = self.mod_single.forward(&silu_temb)?;

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use super::layers::chunked_attention;
 use crate::nn::conv::lean_conv2d;
 use crate::nn::group_norm::lean_group_norm;
+use crate::nn::matmul;
 use crate::nn::{LeanBudget, LeanConv2d, LeanGroupNorm, Pad};
 
 fn d_ch3() -> usize {
@@ -171,11 +172,11 @@ impl Module for MidAttention {
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = self.to_q.forward(&n)?.unsqueeze(1)?;
-        let k = self.to_k.forward(&n)?.unsqueeze(1)?;
-        let v = self.to_v.forward(&n)?.unsqueeze(1)?;
+        let q = matmul::linear(&self.to_q, &n)?.unsqueeze(1)?;
+        let k = matmul::linear(&self.to_k, &n)?.unsqueeze(1)?;
+        let v = matmul::linear(&self.to_v, &n)?.unsqueeze(1)?;
         let attn = chunked_attention(&q, &k, &v, b * ATTN_CHUNK * h * w)?;
-        let o = self.to_out.forward(&attn)?;
+        let o = matmul::linear(&self.to_out, &attn)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         x + o
     }
@@ -418,8 +419,11 @@ impl AutoencoderKLFlux2 {
         let c = 4 * lc;
         let bn = vb.pp("bn");
         // Statistics stay in f32 whatever the model dtype: they divide the latents.
-        let mean = bn.get(c, "running_mean")?.to_dtype(DType::F32)?;
-        let var = bn.get(c, "running_var")?.to_dtype(DType::F32)?;
+        // Read as f32 from the file, not through the model dtype.
+        let f32_stat =
+            |name| bn.get_with_hints_dtype(c, name, candle_nn::Init::Const(0.), DType::F32);
+        let mean = f32_stat("running_mean")?;
+        let var = f32_stat("running_var")?;
         let std = (var + cfg.batch_norm_eps)?.sqrt()?;
         Ok(Self {
             encoder: Encoder::new(cfg, lean, vb.pp("encoder"))?,
@@ -446,7 +450,7 @@ impl AutoencoderKLFlux2 {
     pub fn encode_mean(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = self.encoder.forward(x)?;
         if let Some(q) = &self.quant_conv {
-            h = q.forward(&h)?;
+            h = matmul::conv2d(q, &h)?;
         }
         h.narrow(1, 0, self.cfg.latent_channels)
     }
@@ -454,7 +458,7 @@ impl AutoencoderKLFlux2 {
     /// Images in about [−1, 1] from latents [B, latent, h, w].
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         let z = match &self.post_quant_conv {
-            Some(p) => p.forward(z)?,
+            Some(p) => matmul::conv2d(p, z)?,
             None => z.clone(),
         };
         self.decoder.forward(&z)

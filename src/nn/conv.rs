@@ -224,7 +224,7 @@ impl LeanConv2d {
                 src.pad_with_zeros(3, p.left, p.right)?
                     .pad_with_zeros(2, top, bottom)?
             };
-            let y = self.add_bias(band.conv2d(&self.weight, 0, s, 1, 1)?)?;
+            let y = self.conv_bias(&band, 0)?;
             drop(band);
             let y = match self.leaky_relu {
                 Some(slope) => leaky_relu_lean(&y, slope)?,
@@ -244,17 +244,32 @@ impl LeanConv2d {
     /// and `candle_nn::ops::leaky_relu`.
     fn plain(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self.pad.as_uniform() {
-            Some(p) => x.conv2d(&self.weight, p, self.stride, 1, 1)?,
-            None => x
-                .pad_with_zeros(3, self.pad.left, self.pad.right)?
-                .pad_with_zeros(2, self.pad.top, self.pad.bottom)?
-                .conv2d(&self.weight, 0, self.stride, 1, 1)?,
+            Some(p) => self.conv_bias(x, p)?,
+            None => self.conv_bias(
+                &x.pad_with_zeros(3, self.pad.left, self.pad.right)?
+                    .pad_with_zeros(2, self.pad.top, self.pad.bottom)?,
+                0,
+            )?,
         };
-        let y = self.add_bias(y)?;
         match self.leaky_relu {
             Some(slope) => candle_nn::ops::leaky_relu(&y, slope),
             None => Ok(y),
         }
+    }
+
+    /// conv2d + bias. bf16 on the CPU (no candle kernel) runs in f32 and is rounded once after
+    /// the bias, as PyTorch's CPU bf16 conv (oneDNN: f32 accumulation, bias in f32) does.
+    fn conv_bias(&self, x: &Tensor, pad: usize) -> Result<Tensor> {
+        if x.dtype() == DType::BF16 && x.device().is_cpu() {
+            let w = self.weight.to_dtype(DType::F32)?;
+            let y = x.to_dtype(DType::F32)?.conv2d(&w, pad, self.stride, 1, 1)?;
+            let y = match &self.bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?.reshape((1, (), 1, 1))?)?,
+                None => y,
+            };
+            return y.to_dtype(DType::BF16);
+        }
+        self.add_bias(x.conv2d(&self.weight, pad, self.stride, 1, 1)?)
     }
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {

@@ -9,9 +9,20 @@
 
 pub mod conv;
 pub mod group_norm;
+pub mod matmul;
 
 pub use conv::{LeanConv2d, Pad};
 pub use group_norm::LeanGroupNorm;
+
+/// SiLU. On the CPU, bf16/f16 is computed in f32 and rounded once, as PyTorch's kernel does;
+/// candle's CPU kernel rounds the exponential, the sum and the quotient separately.
+pub fn silu(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::DType;
+    if matches!(x.dtype(), DType::BF16 | DType::F16) && x.device().is_cpu() {
+        return x.to_dtype(DType::F32)?.silu()?.to_dtype(x.dtype());
+    }
+    x.silu()
+}
 
 /// Limits on the transient buffers of one lean op.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -101,6 +101,8 @@ pub struct Peer {
 
 #[derive(Default)]
 pub struct PeerState {
+    /// GETs of /ref.png served so far.
+    pub reference_gets: AtomicUsize,
     pub flaky_attempts: AtomicUsize,
     pub forbidden_attempts: AtomicUsize,
     pub puts: Mutex<Vec<SeenPut>>,
@@ -143,6 +145,7 @@ impl Peer {
             .route(
                 "/ref.png",
                 get(|State(s): State<Arc<PeerState>>| async move {
+                    s.reference_gets.fetch_add(1, Ordering::SeqCst);
                     (
                         [(header::CONTENT_TYPE, "image/png")],
                         s.reference_png.clone(),
@@ -347,6 +350,29 @@ impl Server {
     /// GETs `path` and returns the body as text.
     pub async fn get_text(&self, path: &str) -> String {
         self.get(path).await.text().await.unwrap()
+    }
+
+    /// POSTs `body` as JSON to `path` with extra request headers.
+    pub async fn post_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: serde_json::Value,
+    ) -> reqwest::Response {
+        let mut req = self.client.post(self.url(path)).json(&body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// GETs `path` with extra request headers.
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut req = self.client.get(self.url(path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.unwrap()
     }
 
     pub async fn post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {

@@ -257,6 +257,7 @@ async fn root_health_fields_and_request_id() {
         "model_id",
         "quantization",
         "text_encoder_quantization",
+        "dtype",
         "version",
     ] {
         assert!(h.get(key).is_some(), "missing {key} in {h}");
@@ -270,6 +271,8 @@ async fn root_health_fields_and_request_id() {
     );
     assert_eq!(h["quantization"], "none");
     assert_eq!(h["text_encoder_quantization"], "none");
+    // CPU default.
+    assert_eq!(h["dtype"], "f32");
     // Without an incoming id the server makes one.
     let resp = s.get("/live").await;
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
@@ -366,4 +369,13 @@ async fn health_reports_both_quantizations_and_the_quantized_model_loads() {
     let h: Value = s.get_json("/health").await;
     assert_eq!(h["quantization"], "fp8", "{h}");
     assert_eq!(h["text_encoder_quantization"], "none", "{h}");
+}
+
+/// `--dtype bf16` loads and serves on the CPU, and /health says so.
+#[tokio::test]
+async fn health_reports_the_dtype_and_a_bf16_model_loads_on_cpu() {
+    let s = Server::start_real(&["--dtype", "bf16"]).await;
+    s.wait_status("healthy", Duration::from_secs(60)).await;
+    let h: Value = s.get_json("/health").await;
+    assert_eq!(h["dtype"], "bf16", "{h}");
 }

@@ -165,7 +165,8 @@ fn attention_markdown(a: &crate::flux2::attention::AttentionReport) -> String {
             c.name,
             if c.ok { "yes" } else { "no" },
             ms(c.time_ms),
-            c.max_error.map_or_else(|| "–".into(), |e| format!("{e:.2e}")),
+            c.max_error
+                .map_or_else(|| "–".into(), |e| format!("{e:.2e}")),
             c.tolerance,
             c.reason.as_deref().unwrap_or("").replace('|', "/"),
         ));
@@ -248,9 +249,18 @@ mod tests {
             md.contains("| refs2-512x512 | failed: out of memory / oops |"),
             "{md}"
         );
-        assert!(md.contains("attention: **naive** (requested auto, bf16)"), "{md}");
-        assert!(md.contains("| naive | yes | 40 | 4.00e-3 | 3e-2 |  |"), "{md}");
-        assert!(md.contains("| fused | no | – | – | 3e-2 | error: bad / arch |"), "{md}");
+        assert!(
+            md.contains("attention: **naive** (requested auto, bf16)"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| naive | yes | 40 | 4.00e-3 | 3e-2 |  |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| fused | no | – | – | 3e-2 | error: bad / arch |"),
+            "{md}"
+        );
         let back: Report = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
     }
