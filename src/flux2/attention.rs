@@ -229,8 +229,8 @@ fn check_input(shape: CheckShape, phase: f64, device: &Device) -> Result<Tensor>
         (Tensor::arange(0u32, n as u32, device)?.to_dtype(DType::F32)? * step)?.reshape(dims)
     };
     let s = axis(seq, 0.618_034, (1, 1, seq, 1))?;
-    let d = axis(head_dim, 1.414_214, (1, 1, 1, head_dim))?;
-    let h = axis(heads, 2.718_282, (1, heads, 1, 1))?;
+    let d = axis(head_dim, 1.324_718, (1, 1, 1, head_dim))?;
+    let h = axis(heads, 2.236_068, (1, heads, 1, 1))?;
     let x = ((s.broadcast_add(&d)?.broadcast_add(&h)? + phase)?.sin()? * 97.0)?.sin()?;
     x.broadcast_as((batch, heads, seq, head_dim))?.contiguous()
 }
@@ -422,13 +422,11 @@ pub fn select(
     let mut best: Option<(usize, f64)> = None;
     for (i, kernel) in considered.iter().enumerate() {
         let mut r = check(kernel.as_ref(), &cases, plan, device);
-        if let AttentionChoice::Named(name) = choice {
-            if !r.ok {
-                return Err(AttentionError::CheckFailed {
-                    name: name.clone(),
-                    reason: r.reason.unwrap_or_default(),
-                });
-            }
+        if let (AttentionChoice::Named(name), false) = (choice, r.ok) {
+            return Err(AttentionError::CheckFailed {
+                name: name.clone(),
+                reason: r.reason.unwrap_or_default(),
+            });
         }
         if let (true, Some(t)) = (r.ok, r.time_ms) {
             let forced = matches!(choice, AttentionChoice::Named(_));
@@ -521,7 +519,8 @@ pub fn report_metrics(report: &AttentionReport) -> String {
         report.selected, report.requested
     );
     let all: Vec<&CandidateReport> = report.naive.iter().chain(&report.candidates).collect();
-    let families: [(&str, &str, fn(&CandidateReport) -> Option<f64>); 3] = [
+    type Value = fn(&CandidateReport) -> Option<f64>;
+    let families: [(&str, &str, Value); 3] = [
         (
             "imagegen_attention_check_ok",
             "1 if the backend passed its load-time self-check.",
