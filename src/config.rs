@@ -47,7 +47,7 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
 
     /// Jobs (generate or upscale requests) that may wait for the GPU worker; more get 503.
-    #[arg(long, env = "QUEUE_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "QUEUE_SIZE", default_value_t = crate::limits::DEFAULT_QUEUE_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_size: u32,
 
     /// Seconds suggested to clients in `Retry-After` when the queue is full.

@@ -10,6 +10,7 @@ pub mod device;
 pub mod engine;
 pub mod flux2;
 pub mod io;
+pub mod limits;
 pub mod model_args;
 pub mod nn;
 pub mod telemetry;

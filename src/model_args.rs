@@ -7,8 +7,7 @@ use candle_core::{DType, Device};
 use crate::device::{DeviceKind, default_dtype};
 use crate::flux2::Quantization;
 
-/// The default model, as in the original service.
-pub const DEFAULT_MODEL_ID: &str = "black-forest-labs/FLUX.2-klein-4B";
+pub use crate::limits::DEFAULT_MODEL_ID;
 
 /// Floating-point dtype the models compute in (`--dtype` / `DTYPE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]

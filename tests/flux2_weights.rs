@@ -8,7 +8,6 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use imagegen::flux2::weights::{
     HubOptions, ModelFiles, TransformerFormat, WeightsError, bfl_var_builder,
-    transformer_var_builder,
 };
 
 mod common;
@@ -34,7 +33,9 @@ fn diffusers_transformer() -> Vec<(String, Tensor)> {
 fn diffusers_dir_gives_the_diffusers_transformer() {
     let files = ModelFiles::local(&flux2_fixtures().join("tiny-model")).unwrap();
     assert!(files.model_index().unwrap().is_distilled);
-    let (vb, fmt) = transformer_var_builder(&files, DType::F32, &Device::Cpu).unwrap();
+    let (vb, fmt) = files
+        .transformer_var_builder(DType::F32, &Device::Cpu)
+        .unwrap();
     assert_eq!(fmt, TransformerFormat::Diffusers);
     for (name, want) in diffusers_transformer() {
         let got = vb.get(want.shape(), &name).unwrap();
@@ -112,7 +113,7 @@ fn bfl_fp8_file_applies_its_scales() {
 fn missing_transformer_names_the_file() {
     // The sharded fixture has no transformer/ and no BFL file.
     let files = ModelFiles::local(&flux2_fixtures().join("tiny-model-sharded")).unwrap();
-    let Err(err) = transformer_var_builder(&files, DType::F32, &Device::Cpu) else {
+    let Err(err) = files.transformer_var_builder(DType::F32, &Device::Cpu) else {
         panic!("expected an error")
     };
     let msg = err.to_string();
@@ -143,7 +144,9 @@ fn bfl_file_at_the_root_is_used_when_there_is_no_transformer_folder() {
     )
     .unwrap();
     let files = ModelFiles::open_with(dir.path().to_str().unwrap(), HubOptions::default()).unwrap();
-    let (vb, fmt) = transformer_var_builder(&files, DType::F32, &Device::Cpu).unwrap();
+    let (vb, fmt) = files
+        .transformer_var_builder(DType::F32, &Device::Cpu)
+        .unwrap();
     assert_eq!(fmt, TransformerFormat::Bfl { fp8: true });
     assert!(vb.contains_tensor("single_transformer_blocks.1.attn.to_out.weight"));
 }
@@ -245,7 +248,7 @@ fn hub_repo_served_from_the_cache_when_offline() {
             err.contains("vae/config.json") && err.contains("FLUX.2-klein-9B"),
             "{err}"
         );
-        let Err(err) = transformer_var_builder(&files, DType::F32, &Device::Cpu) else {
+        let Err(err) = files.transformer_var_builder(DType::F32, &Device::Cpu) else {
             panic!("expected an error")
         };
         let err = err.to_string();
@@ -293,6 +296,8 @@ fn fp8_linear_keeps_the_files_fp8_weights() {
     // Non-fp8 tensors (final layer, diffusers folders) have no raw form.
     assert!(!vb.contains_tensor("proj_out.weight#fp8"));
     let files = ModelFiles::local(&flux2_fixtures().join("tiny-model")).unwrap();
-    let (dvb, _) = transformer_var_builder(&files, DType::F32, &Device::Cpu).unwrap();
+    let (dvb, _) = files
+        .transformer_var_builder(DType::F32, &Device::Cpu)
+        .unwrap();
     assert!(!dvb.contains_tensor("transformer_blocks.0.attn.to_q.weight#fp8"));
 }

@@ -223,3 +223,18 @@ fn generate_bf16_on_cpu_reproduces_diffusers_bf16() {
         "{ours_vs_theirs} vs {theirs_drift}"
     );
 }
+
+/// `--version` says Cargo's package version, the one /health, `GET /` and OpenAPI report.
+#[test]
+fn version_flag_says_the_package_version() {
+    let out = Command::new(env!("CARGO_BIN_EXE_imagegen"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text.trim(),
+        format!("imagegen {}", env!("CARGO_PKG_VERSION"))
+    );
+}

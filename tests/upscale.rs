@@ -337,27 +337,6 @@ fn weights_of_the_wrong_architecture_are_rejected() {
     assert_eq!(up.weights_path(), dir.path().join("x2plus.safetensors"));
 }
 
-#[test]
-fn a_cached_x2plus_file_serves_2x_natively() {
-    let dir = tempfile::tempdir().unwrap();
-    let opts = UpscalerOptions {
-        weights_dir: dir.path().to_path_buf(),
-        ..Default::default()
-    };
-    assert_eq!(
-        opts.for_scale(2).model,
-        UpscaleModel::X4Plus,
-        "no x2 file: x4plus + Lanczos"
-    );
-    std::fs::copy(
-        fix("rrdb_x2.safetensors"),
-        dir.path().join("RealESRGAN_x2plus.safetensors"),
-    )
-    .unwrap();
-    assert_eq!(opts.for_scale(2).model, UpscaleModel::X2Plus);
-    assert_eq!(opts.for_scale(4).model, UpscaleModel::X4Plus);
-}
-
 /// A one-shot HTTP server on 127.0.0.1 answering every request with `status` and `body`
 /// (declaring `declared_len` bytes, so a short body simulates a dropped connection).
 fn serve(status: &'static str, body: Vec<u8>, declared_len: usize) -> String {

@@ -2,7 +2,7 @@
 # Creates the PyTorch venv used only to generate parity fixtures (never by `make test`).
 # Idempotent: re-running with the venv present only checks the imports.
 set -euo pipefail
-VENV="${PARITY_VENV:-/work/venvs/parity}"
+VENV="${PARITY_VENV:-.venv-parity}"
 PY="${PYTHON:-python3}"
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -2,9 +2,12 @@
 
 pub mod auth;
 mod errors;
+mod extract;
+mod jobs;
 pub mod openapi;
 mod routes;
 pub mod schemas;
+pub mod validation;
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -25,14 +28,14 @@ pub use errors::ApiError;
 
 use crate::config::ServeArgs;
 use crate::device::GpuInfo;
-use crate::engine::{Admission, BackendLoader, Engine, ImageBackend, UpscaleBackend};
+use crate::engine::{Admission, BackendLoader, Engine, ImageBackend, ModelStatus, UpscaleBackend};
 use crate::flux2::Quantization;
 use crate::io::{FetchConfig, Fetcher, UploadConfig, Uploader, UrlPolicy};
 use crate::model_args::dtype_name;
 use crate::telemetry::{self, Metrics, labels};
 
-/// The API version the root endpoint reports (the original's, since the API is the same).
-pub const API_VERSION: &str = "0.2.0";
+/// The version `GET /`, /health and OpenAPI report: Cargo's package version.
+pub const API_VERSION: &str = crate::limits::VERSION;
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -55,6 +58,26 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// A `/generate` queue place: refused while draining or without a loaded model.
+    fn admit_generate(&self) -> Result<Admission, ApiError> {
+        let state = self.engine.state();
+        if state.draining() {
+            return Err(ApiError::Draining);
+        }
+        if state.model_status() != ModelStatus::Loaded {
+            return Err(ApiError::ModelNotLoaded);
+        }
+        self.admit()
+    }
+
+    /// An `/upscale` queue place (the upscaler loads on demand, so no model is needed).
+    fn admit_upscale(&self) -> Result<Admission, ApiError> {
+        if self.engine.state().draining() {
+            return Err(ApiError::Draining);
+        }
+        self.admit()
+    }
+
     /// A queue place, or the 503 that says the queue is full.
     fn admit(&self) -> Result<Admission, ApiError> {
         self.engine.admit().map_err(|full| {

@@ -1,34 +1,23 @@
-//! The handlers. Each validates, takes a queue place, does its network I/O here and hands the
-//! model work to the GPU worker.
+//! The handlers: small by design. Each extracts a validated body, takes a queue place and calls
+//! `jobs`, which does the network I/O and hands the model work to the GPU worker; every error
+//! goes out through [`ApiError`].
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use image::RgbImage;
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
-use tracing::Instrument;
 
-use super::AppState;
 use super::errors::ApiError;
+use super::extract::Validated;
 use super::schemas::{
-    self, ErrorBody, GenerateResponse, GenerateResult, HealthResponse, ReferenceImage,
-    RootResponse, UpscaleResponse, ValidationErrorBody,
+    self, ErrorBody, GenerateRequest, GenerateResponse, HealthResponse, RootResponse,
+    UpscaleRequest, UpscaleResponse, ValidationErrorBody,
 };
-use crate::engine::{
-    CancelFlag, GenerateJob, GeneratedItem, ItemParams, JobKind, ModelStatus, UpscaleJob,
-};
-use crate::io::{self, OutputFormat, ssrf::redact};
-
-fn ms(since: Instant) -> u64 {
-    since.elapsed().as_millis() as u64
-}
+use super::{AppState, jobs};
+use crate::engine::ModelStatus;
 
 /// Service info, as the original.
 #[utoipa::path(get, path = "/", responses((status = 200, body = RootResponse)))]
@@ -66,7 +55,7 @@ pub async fn health(State(app): State<Arc<AppState>>) -> Json<HealthResponse> {
         quantization: app.quantization.to_string(),
         text_encoder_quantization: app.text_encoder_quantization.to_string(),
         dtype: crate::model_args::dtype_name(app.dtype),
-        version: env!("CARGO_PKG_VERSION").into(),
+        version: super::API_VERSION.into(),
         queue_depth: state.queue_depth(),
         queue_capacity: state.queue_capacity(),
         error: state.model_error(),
@@ -145,126 +134,6 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// Draws the base seed from OS entropy, uniformly in 0..=2^32-2 (the original's range).
-fn random_seed() -> u64 {
-    loop {
-        match getrandom::u32() {
-            Ok(v) if v != u32::MAX => return v as u64,
-            Ok(_) => continue,
-            Err(e) => {
-                // No OS entropy is a broken host; fall back to the clock rather than failing.
-                tracing::warn!(error = %e, "OS entropy unavailable, seeding from the clock");
-                let nanos = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.subsec_nanos())
-                    .unwrap_or(0);
-                return (nanos % u32::MAX) as u64;
-            }
-        }
-    }
-}
-
-/// Downloads and decodes one input image (SSRF guard, byte cap, pixel cap before decoding).
-async fn fetch_image(app: &AppState, url: &str) -> Result<RgbImage, String> {
-    let started = Instant::now();
-    let bytes = app.fetcher.get(url).await.map_err(|e| e.to_string())?;
-    let max_pixels = app.max_input_pixels;
-    let image = tokio::task::spawn_blocking(move || io::decode_rgb(&bytes, max_pixels))
-        .await
-        .map_err(|e| format!("internal error decoding: {e}"))?
-        .map_err(|e| e.to_string())?;
-    app.metrics.stage("download", started.elapsed());
-    Ok(image)
-}
-
-/// All references, downloaded concurrently; the first failure names its index.
-async fn fetch_references(
-    app: &AppState,
-    images: &[ReferenceImage],
-) -> Result<Vec<RgbImage>, String> {
-    let downloads = images.iter().map(|r| fetch_image(app, &r.url));
-    let results = futures_util::future::join_all(downloads).await;
-    results
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            r.map_err(|e| format!("reference image {i} ({}): {e}", redact(&images[i].url)))
-        })
-        .collect()
-}
-
-/// Encodes and uploads one generated image; returns its result entry.
-async fn finish_item(
-    app: Arc<AppState>,
-    index: usize,
-    item: GeneratedItem,
-    upload_url: String,
-    format: OutputFormat,
-    seed: u64,
-) -> GenerateResult {
-    let (width, height) = item.image.dimensions();
-    let uploaded = encode_and_upload(&app, item.image, &upload_url, format).await;
-    match uploaded {
-        Ok(upload_ms) => {
-            app.metrics.item("generate", "success");
-            tracing::info!(
-                index,
-                inference_ms = item.inference_ms as u64,
-                upscale_ms = item.upscale_ms.unwrap_or(0.0) as u64,
-                upload_ms,
-                "item done"
-            );
-            GenerateResult {
-                index,
-                success: true,
-                error: None,
-                output_url: Some(io::output_url(&upload_url)),
-                width: Some(width),
-                height: Some(height),
-                seed: Some(seed),
-                timing_inference_ms: Some(item.inference_ms.round() as u64),
-                timing_upscale_ms: item.upscale_ms.map(|v| v.round() as u64),
-                timing_upload_ms: Some(upload_ms),
-            }
-        }
-        Err((kind, e)) => {
-            app.metrics.item("generate", kind);
-            tracing::error!(index, error = %e, "item failed");
-            GenerateResult::failed(index, e)
-        }
-    }
-}
-
-/// Encodes (on the blocking pool) and uploads; returns the upload time in ms.
-async fn encode_and_upload(
-    app: &AppState,
-    image: RgbImage,
-    upload_url: &str,
-    format: OutputFormat,
-) -> Result<u64, (&'static str, String)> {
-    let started = Instant::now();
-    let bytes = tokio::task::spawn_blocking(move || io::encode(&image, format))
-        .await
-        .map_err(|e| ("internal", format!("internal error encoding: {e}")))?
-        .map_err(|e| ("encode", e.to_string()))?;
-    app.metrics.stage("encode", started.elapsed());
-    let started = Instant::now();
-    let report = app
-        .uploader
-        .put(upload_url, Bytes::from(bytes), format.content_type())
-        .await
-        .map_err(|e| ("upload", e.to_string()))?;
-    app.metrics.stage("upload", started.elapsed());
-    if report.retries > 0 {
-        app.metrics.inc(
-            "imagegen_upload_retries_total",
-            String::new(),
-            report.retries as u64,
-        );
-    }
-    Ok(ms(started))
-}
-
 /// Batch generation: item i uses seed + i; each item fails or succeeds on its own.
 #[utoipa::path(
     post, path = "/generate",
@@ -280,119 +149,10 @@ async fn encode_and_upload(
 )]
 pub async fn generate(
     State(app): State<Arc<AppState>>,
-    body: Bytes,
+    Validated(req): Validated<GenerateRequest>,
 ) -> Result<Json<GenerateResponse>, ApiError> {
-    let started = Instant::now();
-    let req = schemas::parse_generate(&body).map_err(ApiError::Validation)?;
-    let state = app.engine.state();
-    if state.draining() {
-        return Err(ApiError::Draining);
-    }
-    if state.model_status() != ModelStatus::Loaded {
-        return Err(ApiError::ModelNotLoaded);
-    }
-    let admission = app.admit()?;
-    let n = req.prompts.len();
-    tracing::info!("GENERATE: {n} images, {} refs", req.images.len());
-
-    let references = match fetch_references(&app, &req.images).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "reference download failed; failing every item");
-            for _ in 0..n {
-                app.metrics.item("generate", "reference_download");
-            }
-            return Ok(Json(GenerateResponse {
-                success: false,
-                results: (0..n)
-                    .map(|i| GenerateResult::failed(i, e.clone()))
-                    .collect(),
-                timing_total_ms: ms(started),
-            }));
-        }
-    };
-
-    let base_seed = req.seed.unwrap_or_else(random_seed);
-    let items: Vec<ItemParams> = req
-        .prompts
-        .iter()
-        .enumerate()
-        .map(|(i, prompt)| ItemParams {
-            prompt: prompt.clone(),
-            width: req.width,
-            height: req.height,
-            num_steps: req.num_steps,
-            seed: base_seed + i as u64,
-            guidance_scale: req.guidance_scale as f32,
-        })
-        .collect();
-    let cancel = CancelFlag::default();
-    let cancel_guard = cancel.on_drop();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    app.engine.submit(
-        admission,
-        JobKind::Generate(GenerateJob {
-            items,
-            references,
-            upscale: req.upscale,
-            cancel,
-            events: tx,
-        }),
-    )?;
-
-    // Uploads run while the worker generates the next items; dropping the JoinSet (client
-    // gone) aborts them.
-    let mut results: Vec<Option<GenerateResult>> = vec![None; n];
-    let mut uploads = JoinSet::new();
-    while let Some(out) = rx.recv().await {
-        let i = out.index;
-        match out.result {
-            Ok(item) => {
-                // The task keeps the request's span, so its log lines carry the request id.
-                uploads.spawn(
-                    finish_item(
-                        app.clone(),
-                        i,
-                        item,
-                        req.upload_urls[i].clone(),
-                        req.output_format,
-                        base_seed + i as u64,
-                    )
-                    .instrument(tracing::Span::current()),
-                );
-            }
-            Err(e) => {
-                app.metrics.item("generate", e.kind());
-                results[i] = Some(GenerateResult::failed(i, e.to_string()));
-            }
-        }
-    }
-    while let Some(done) = uploads.join_next().await {
-        match done {
-            Ok(r) => {
-                let i = r.index;
-                results[i] = Some(r);
-            }
-            Err(e) => tracing::error!(error = %e, "upload task failed"),
-        }
-    }
-    cancel_guard.disarm();
-    let results: Vec<GenerateResult> = results
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            r.unwrap_or_else(|| {
-                GenerateResult::failed(i, "internal error: the item produced no result")
-            })
-        })
-        .collect();
-    let ok = results.iter().filter(|r| r.success).count();
-    tracing::info!("Complete: {ok}/{n} in {}ms", ms(started));
-    Ok(Json(GenerateResponse {
-        success: ok == n,
-        results,
-        timing_total_ms: ms(started),
-    }))
+    let admission = app.admit_generate()?;
+    Ok(Json(jobs::generate(app, req, admission).await?))
 }
 
 /// Real-ESRGAN upscaling of one image; works without the FLUX model.
@@ -410,73 +170,8 @@ pub async fn generate(
 )]
 pub async fn upscale(
     State(app): State<Arc<AppState>>,
-    body: Bytes,
+    Validated(req): Validated<UpscaleRequest>,
 ) -> Result<Json<UpscaleResponse>, ApiError> {
-    let started = Instant::now();
-    let req = schemas::parse_upscale(&body).map_err(ApiError::Validation)?;
-    if app.engine.state().draining() {
-        return Err(ApiError::Draining);
-    }
-    let admission = app.admit()?;
-    tracing::info!("UPSCALE: {}x", req.scale);
-    let failed = |app: &AppState, kind: &str, e: String| {
-        app.metrics.item("upscale", kind);
-        tracing::error!(error = %e, "Upscale failed");
-        Ok(Json(UpscaleResponse::failed(e)))
-    };
-
-    let t = Instant::now();
-    let image = match fetch_image(&app, &req.image_url).await {
-        Ok(image) => image,
-        Err(e) => return failed(&app, "download", e),
-    };
-    let download_ms = ms(t);
-    let (input_width, input_height) = image.dimensions();
-
-    let cancel = CancelFlag::default();
-    let cancel_guard = cancel.on_drop();
-    let (tx, rx) = oneshot::channel();
-    app.engine.submit(
-        admission,
-        JobKind::Upscale(UpscaleJob {
-            image,
-            scale: req.scale,
-            cancel,
-            reply: tx,
-        }),
-    )?;
-    let up = match rx.await {
-        Ok(Ok(up)) => up,
-        Ok(Err(e)) => return failed(&app, e.kind(), e.to_string()),
-        Err(_) => {
-            return failed(
-                &app,
-                "internal",
-                "internal error: the upscale job produced no result".into(),
-            );
-        }
-    };
-    cancel_guard.disarm();
-    let (output_width, output_height) = up.image.dimensions();
-    let upload_ms =
-        match encode_and_upload(&app, up.image, &req.upload_url, req.output_format).await {
-            Ok(ms) => ms,
-            Err((kind, e)) => return failed(&app, kind, e),
-        };
-    app.metrics.item("upscale", "success");
-    Ok(Json(UpscaleResponse {
-        success: true,
-        error: None,
-        output_url: Some(io::output_url(&req.upload_url)),
-        input_width: Some(input_width),
-        input_height: Some(input_height),
-        output_width: Some(output_width),
-        output_height: Some(output_height),
-        scale: Some(req.scale),
-        timing_download_ms: Some(download_ms),
-        timing_load_ms: Some(up.load_ms.round() as u64),
-        timing_upscale_ms: Some(up.upscale_ms.round() as u64),
-        timing_upload_ms: Some(upload_ms),
-        timing_total_ms: Some(ms(started)),
-    }))
+    let admission = app.admit_upscale()?;
+    Ok(Json(jobs::upscale(app, req, admission).await?))
 }

@@ -17,12 +17,12 @@ use super::rng;
 use super::scheduler;
 use super::text_encoder::{PromptEncoder, PromptEncoderError};
 use super::tokenizer::{MAX_LENGTH, TokenizerError};
-use super::transformer::{Flux2Transformer2DModel, Flux2TransformerConfig};
+use super::transformer::Flux2Transformer2DModel;
 use super::vae::{AutoencoderKLFlux2, AutoencoderKLFlux2Config, pack, unpack};
-use super::weights::{ModelFiles, WeightsError, transformer_var_builder};
+use super::weights::{ModelFiles, WeightsError};
 
 /// Largest width or height accepted, in pixels (after flooring to a multiple of 16).
-pub const MAX_SIDE: u32 = 4096;
+pub use crate::limits::MAX_PIPELINE_SIDE as MAX_SIDE;
 /// Position-id spacing of reference images on the T axis (diffusers `scale=10`).
 const REF_T_SCALE: f32 = 10.0;
 /// Timed calls per shape in the attention self-check: enough to see a 2× difference through
@@ -195,35 +195,6 @@ fn ms_since(t: Instant, device: &Device) -> Result<f64, Flux2Error> {
     Ok(t.elapsed().as_secs_f64() * 1e3)
 }
 
-/// `transformer/config.json`, or for a BFL single-file model without it, the config read off
-/// the file's tensor shapes.
-fn transformer_config(files: &ModelFiles) -> Result<Flux2TransformerConfig, Flux2Error> {
-    if files.contains("transformer/config.json") {
-        return Ok(files.read_json("transformer/config.json")?);
-    }
-    let Some(bfl) = files.bfl_transformer_file() else {
-        // Names the missing file and the fix.
-        return Ok(files.read_json("transformer/config.json")?);
-    };
-    let path = files.get(&bfl)?;
-    // SAFETY: read-only memory map of a model file (only the header is read here).
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&path)? };
-    let tensors = st.tensors();
-    let shapes: Vec<(String, Vec<usize>)> = tensors
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.strip_prefix("model.diffusion_model.")
-                    .unwrap_or(n)
-                    .to_string(),
-                v.shape().to_vec(),
-            )
-        })
-        .collect();
-    Flux2TransformerConfig::from_bfl_shapes(shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())))
-        .map_err(|message| WeightsError::BadFile { file: bfl, message }.into())
-}
-
 /// The VAE runs in the compute dtype on every device (bf16 convs on the CPU go through f32, see
 /// `nn::conv`).
 fn vae_dtype(_device: &Device, dtype: DType) -> DType {
@@ -270,7 +241,7 @@ impl Flux2Pipeline {
         let device = opts.device.clone();
         let dtype = opts.dtype;
         let index = files.model_index()?;
-        let tcfg = transformer_config(files)?;
+        let tcfg = files.transformer_config()?;
         tcfg.validate().map_err(|m| WeightsError::BadFile {
             file: "transformer/config.json".into(),
             message: m,
@@ -289,7 +260,7 @@ impl Flux2Pipeline {
             }
             .into());
         }
-        let (tvb, _format) = transformer_var_builder(files, dtype, &device)?;
+        let (tvb, _format) = files.transformer_var_builder(dtype, &device)?;
         let mut transformer = Flux2Transformer2DModel::new(&tcfg, tvb, opts.quantization)?;
         let plan = CheckPlan {
             shapes: model_check_shapes(

@@ -5,8 +5,7 @@
 use candle_core::{Device, Result as CResult, Tensor};
 use image::RgbImage;
 
-/// Most reference images per request.
-pub const MAX_REFERENCES: usize = 16;
+pub use crate::limits::MAX_REFERENCES;
 /// Smallest allowed side, in pixels.
 pub const MIN_SIDE: u32 = 64;
 /// Largest allowed aspect ratio (long side / short side).

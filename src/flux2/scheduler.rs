@@ -1,8 +1,7 @@
 //! FLUX.2 flow-matching schedule (diffusers `FlowMatchEulerDiscreteScheduler` as the klein
 //! pipeline drives it: custom sigmas, dynamic exponential shift with the empirical μ).
 
-/// Most steps a request may ask for.
-pub const MAX_STEPS: u32 = 50;
+pub use crate::limits::MAX_STEPS;
 
 /// diffusers `compute_empirical_mu(image_seq_len, num_steps)`; `image_seq_len` counts only the
 /// noisy image tokens (no text, no references).

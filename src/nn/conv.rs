@@ -134,8 +134,9 @@ impl LeanConv2d {
 
     /// `self.forward(x) + acc`. Banded, the sum is written into `acc`'s storage band by band
     /// (no third full-size tensor), so `acc` must be a tensor no one else reads afterwards
-    /// (e.g. a conv output about to be shadowed).
-    pub fn forward_add(&self, x: &Tensor, acc: Tensor) -> Result<Tensor> {
+    /// (e.g. a conv output about to be shadowed). Crate-private for that reason: the VAE's
+    /// resnet shortcut is its one caller.
+    pub(crate) fn forward_add(&self, x: &Tensor, acc: Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         self.run(x, h, w, false, None, Some(acc))
     }

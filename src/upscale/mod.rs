@@ -94,30 +94,6 @@ impl Default for UpscalerOptions {
     }
 }
 
-impl UpscalerOptions {
-    /// The options to use for a request of `scale`: a native RealESRGAN_x2plus for 2x when the
-    /// configured model is x4plus and an x2plus file has been put in the cache folder (never
-    /// downloaded for this), otherwise these options unchanged (2x = x4plus + Lanczos-4, as the
-    /// original service did).
-    pub fn for_scale(&self, scale: u32) -> UpscalerOptions {
-        let native_x2 = scale == 2
-            && self.model == UpscaleModel::X4Plus
-            && self.weights_file.is_none()
-            && UpscaleModel::X2Plus
-                .cache_candidates()
-                .iter()
-                .any(|n| self.weights_dir.join(n).is_file());
-        let mut o = self.clone();
-        if native_x2 {
-            o.model = UpscaleModel::X2Plus;
-            // pixel-unshuffle needs even tiles
-            o.tile -= o.tile % 2;
-            o.tile_pad -= o.tile_pad % 2;
-        }
-        o
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum UpscaleError {
     /// A caller-supplied value is out of range; the message names the field and the limit.

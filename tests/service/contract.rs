@@ -235,7 +235,12 @@ async fn root_health_fields_and_request_id() {
     let s = loaded().await;
     let root: Value = s.get_json("/").await;
     assert_eq!(root["name"], "Image-Gen API");
-    assert_eq!(root["version"], "0.2.0");
+    // One version everywhere: GET /, /health, OpenAPI and `--version` (tests/generate_cli.rs)
+    // all say Cargo's package version.
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(root["version"], version);
+    let spec: Value = s.get_json("/openapi.json").await;
+    assert_eq!(spec["info"]["version"], version);
     assert_eq!(root["endpoints"].as_array().unwrap().len(), 3);
 
     let resp = s
@@ -263,6 +268,7 @@ async fn root_health_fields_and_request_id() {
         assert!(h.get(key).is_some(), "missing {key} in {h}");
     }
     assert_eq!(h["status"], "healthy");
+    assert_eq!(h["version"], version);
     assert!(
         h["model_id"]
             .as_str()

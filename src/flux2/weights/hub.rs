@@ -1,0 +1,233 @@
+//! The hub side of model files: what `MODEL_ID` names, listing a repo (cache first when the hub
+//! cannot be reached) and fetching one file into the standard cache (`HF_HOME`).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use hf_hub::{Cache, Repo, RepoType};
+
+use super::{FIX_HUB, WeightsError, list_dir};
+
+pub use crate::limits::DEFAULT_MODEL_ID;
+pub const REPO_4B: &str = "black-forest-labs/FLUX.2-klein-4B";
+pub const REPO_9B: &str = "black-forest-labs/FLUX.2-klein-9B";
+
+/// What `MODEL_ID` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    Local(PathBuf),
+    Hub(String),
+}
+
+/// `4B`/`9B` shortcuts first (a directory called `4B` is reachable as `./4B`), then an existing
+/// directory, then `owner/name`.
+pub fn resolve_model_id(model_id: &str) -> Result<ModelSource, WeightsError> {
+    let id = model_id.trim();
+    match id.to_ascii_uppercase().as_str() {
+        "4B" => return Ok(ModelSource::Hub(REPO_4B.to_string())),
+        "9B" => return Ok(ModelSource::Hub(REPO_9B.to_string())),
+        _ => {}
+    }
+    let path = Path::new(id);
+    if path.is_dir() {
+        return Ok(ModelSource::Local(path.to_path_buf()));
+    }
+    let looks_like_path = id.starts_with('/') || id.starts_with('.') || id.starts_with('~');
+    let parts: Vec<&str> = id.split('/').collect();
+    let valid_part = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    if !looks_like_path && parts.len() == 2 && parts.iter().all(|p| valid_part(p)) {
+        return Ok(ModelSource::Hub(id.to_string()));
+    }
+    Err(WeightsError::InvalidModelId(model_id.to_string()))
+}
+
+/// `HUGGING_FACE_TOKEN`, else `HF_TOKEN` (hf-hub 0.4 reads neither by itself). Empty = unset.
+pub fn hf_token_from_env() -> Option<String> {
+    ["HUGGING_FACE_TOKEN", "HF_TOKEN"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok())
+        .find(|v| !v.trim().is_empty())
+}
+
+/// Hub access settings; [`HubOptions::from_env`] is what the service uses.
+#[derive(Debug, Clone, Default)]
+pub struct HubOptions {
+    pub token: Option<String>,
+    /// The HF cache (`$HF_HOME/hub`); `None` = hf-hub's default from the environment.
+    pub cache_dir: Option<PathBuf>,
+    /// `None` = `HF_ENDPOINT` or the public hub.
+    pub endpoint: Option<String>,
+    /// Never touch the network (`HF_HUB_OFFLINE=1`): cached files only.
+    pub offline: bool,
+    /// How long listing the repo may take before the cache is used instead (`None`: 30 s), so
+    /// a network that drops packets cannot hang model loading.
+    pub list_timeout: Option<std::time::Duration>,
+}
+
+impl HubOptions {
+    pub fn from_env(token: Option<String>) -> Self {
+        let offline = std::env::var("HF_HUB_OFFLINE")
+            .map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes"))
+            .unwrap_or(false);
+        Self {
+            token,
+            cache_dir: None,
+            endpoint: None,
+            offline,
+            list_timeout: None,
+        }
+    }
+
+    fn cache(&self) -> Cache {
+        match &self.cache_dir {
+            Some(dir) => Cache::new(dir.clone()),
+            None => Cache::from_env(),
+        }
+    }
+}
+
+/// The repo's file list and whether it came from the hub (`true`) or only from the cache
+/// (`false`: the hub was unreachable or `HF_HUB_OFFLINE` is set).
+pub(super) fn list(
+    repo: &str,
+    opts: &HubOptions,
+) -> Result<(BTreeSet<String>, bool), WeightsError> {
+    let cache = opts.cache();
+    let cached = cached_files(&cache, repo);
+    let listed = if opts.offline {
+        Err("offline mode (HF_HUB_OFFLINE)".to_string())
+    } else {
+        let (o, r) = (opts.clone(), repo.to_string());
+        let limit = opts
+            .list_timeout
+            .unwrap_or(std::time::Duration::from_secs(30));
+        run_blocking(move || async move {
+            let api = build_api(&o)?;
+            let info = tokio::time::timeout(limit, api.model(r).info())
+                .await
+                .map_err(|_| format!("no answer within {limit:?}"))?
+                .map_err(|e| e.to_string())?;
+            Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
+        })
+    };
+    match (listed, cached) {
+        (Ok(files), _) => Ok((files, true)),
+        (Err(_), Some(files)) if !files.is_empty() => Ok((files, false)),
+        (Err(reason), _) => Err(WeightsError::Offline {
+            repo: repo.to_string(),
+            cache: cache.path().display().to_string(),
+            reason,
+            fix: FIX_HUB.to_string(),
+        }),
+    }
+}
+
+/// The cached copy of `file`, if there is one.
+pub(super) fn cached(repo: &str, opts: &HubOptions, file: &str) -> Option<PathBuf> {
+    opts.cache().model(repo.to_string()).get(file)
+}
+
+/// Downloads `file` into the cache and returns its path.
+pub(super) fn download(repo: &str, opts: &HubOptions, file: &str) -> Result<PathBuf, String> {
+    let (o, r, f) = (opts.clone(), repo.to_string(), file.to_string());
+    run_blocking(move || async move {
+        let api = build_api(&o)?;
+        api.model(r).get(&f).await.map_err(|e| e.to_string())
+    })
+}
+
+/// Files of the cached snapshot that `refs/main` points at, if the repo is in the cache.
+fn cached_files(cache: &Cache, repo: &str) -> Option<BTreeSet<String>> {
+    let r = Repo::new(repo.to_string(), RepoType::Model);
+    let repo_dir = cache.path().join(r.folder_name());
+    let commit = std::fs::read_to_string(repo_dir.join("refs").join(r.revision())).ok()?;
+    let snapshot = repo_dir.join("snapshots").join(commit.trim());
+    let mut files = BTreeSet::new();
+    list_dir(&snapshot, &snapshot, &mut files).ok()?;
+    Some(files)
+}
+
+fn build_api(opts: &HubOptions) -> Result<hf_hub::api::tokio::Api, String> {
+    let mut b = hf_hub::api::tokio::ApiBuilder::from_cache(opts.cache()).with_progress(false);
+    if let Ok(ep) = std::env::var("HF_ENDPOINT") {
+        b = b.with_endpoint(ep);
+    }
+    if let Some(ep) = &opts.endpoint {
+        b = b.with_endpoint(ep.clone());
+    }
+    if let Some(t) = &opts.token {
+        b = b.with_token(Some(t.clone()));
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
+/// Runs an async hub call to completion from sync code, on its own thread and runtime, so it
+/// works whether or not the caller is inside a tokio runtime.
+fn run_blocking<T, F, Fut>(f: F) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(f())
+    })
+    .join()
+    .map_err(|_| "hub download thread panicked".to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shortcuts_and_repo_ids() {
+        assert_eq!(
+            resolve_model_id("4B").unwrap(),
+            ModelSource::Hub(REPO_4B.into())
+        );
+        assert_eq!(
+            resolve_model_id("9b").unwrap(),
+            ModelSource::Hub(REPO_9B.into())
+        );
+        assert_eq!(
+            resolve_model_id(DEFAULT_MODEL_ID).unwrap(),
+            ModelSource::Hub("black-forest-labs/FLUX.2-klein-4B".into())
+        );
+        assert_eq!(
+            resolve_model_id("someone/my-klein_v2.1").unwrap(),
+            ModelSource::Hub("someone/my-klein_v2.1".into())
+        );
+        for bad in [
+            "",
+            "just-a-name",
+            "a/b/c",
+            "/no/such/dir",
+            "./missing",
+            "a b/c",
+        ] {
+            assert!(
+                matches!(resolve_model_id(bad), Err(WeightsError::InvalidModelId(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn existing_directory_is_local() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().to_str().unwrap();
+        assert_eq!(
+            resolve_model_id(p).unwrap(),
+            ModelSource::Local(dir.path().to_path_buf())
+        );
+    }
+}

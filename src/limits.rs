@@ -1,0 +1,57 @@
+//! Every request bound and service default, stated once. Validation, its error messages, the
+//! OpenAPI schema (`api::openapi` fills the bounds in from here), the CLI and /health read them
+//! from this module, so a limit cannot drift between what is enforced and what is documented.
+
+/// The service version everywhere (/health, `GET /`, OpenAPI, `--version`): Cargo's.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The default model, as in the original service.
+pub const DEFAULT_MODEL_ID: &str = "black-forest-labs/FLUX.2-klein-4B";
+
+/// Most prompts (and upload URLs) per `/generate` request.
+pub const MAX_PROMPTS: usize = 20;
+/// Most reference images per request.
+pub const MAX_REFERENCES: usize = 16;
+/// Largest seed: seed + 19 (the last item of a full batch) must still fit in 64 bits.
+pub const MAX_SEED: u64 = u64::MAX - (MAX_PROMPTS as u64 - 1);
+
+/// Output width/height bounds of `/generate` (before upscaling), in pixels.
+pub const MIN_SIZE: u32 = 256;
+pub const MAX_SIZE: u32 = 2048;
+pub const DEFAULT_SIZE: u32 = 1024;
+
+/// Denoising steps of `/generate`.
+pub const MIN_STEPS: u32 = 1;
+pub const MAX_STEPS: u32 = 50;
+pub const DEFAULT_STEPS: u32 = 4;
+
+/// `guidance_scale`: validated and ignored (the klein models are guidance-distilled).
+pub const MAX_GUIDANCE: f64 = 20.0;
+pub const DEFAULT_GUIDANCE: f64 = 1.0;
+
+/// A reference image's `weight`: validated and ignored, as in the original.
+pub const MAX_REFERENCE_WEIGHT: f64 = 2.0;
+pub const DEFAULT_REFERENCE_WEIGHT: f64 = 1.0;
+
+/// Upscale factors `/generate` and `/upscale` accept; `/upscale` defaults to 4.
+pub const UPSCALE_FACTORS: [u32; 2] = [2, 4];
+pub const DEFAULT_UPSCALE_SCALE: u32 = 4;
+
+/// Largest side the pipeline itself accepts (the CLI and benches go beyond the API's bound).
+pub const MAX_PIPELINE_SIDE: u32 = 4096;
+
+/// Requests that may wait for the GPU worker before new ones get 503 (`QUEUE_SIZE`).
+pub const DEFAULT_QUEUE_SIZE: u32 = 8;
+
+// The bounds agree with each other, checked when the crate compiles.
+const _: () = {
+    assert!(MIN_SIZE <= DEFAULT_SIZE && DEFAULT_SIZE <= MAX_SIZE);
+    assert!(MAX_SIZE <= MAX_PIPELINE_SIDE);
+    assert!(MIN_STEPS <= DEFAULT_STEPS && DEFAULT_STEPS <= MAX_STEPS);
+    assert!(
+        DEFAULT_UPSCALE_SCALE == UPSCALE_FACTORS[0] || DEFAULT_UPSCALE_SCALE == UPSCALE_FACTORS[1]
+    );
+    // The last item of a full batch uses seed + MAX_PROMPTS - 1.
+    assert!(MAX_SEED.checked_add(MAX_PROMPTS as u64 - 1).is_some());
+    assert!(MAX_SEED.checked_add(MAX_PROMPTS as u64).is_none());
+};
