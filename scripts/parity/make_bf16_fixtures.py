@@ -5,7 +5,7 @@ Reads the committed tiny model (tests/fixtures/flux2/tiny-model) and the committ
 inputs (tests/fixtures/flux2/dit/*, text_encoder.json); never rewrites them. Writes one file,
 tests/fixtures/flux2/bf16/numerics.safetensors, holding for every tensor `<name>.f32` (the f32
 reference, stored f32) and `<name>.bf16` (what diffusers' bf16 path gives, stored bf16), plus
-the inputs the Rust test needs that no other fixture holds. tests/numerics.rs measures our bf16
+the inputs the Rust test needs that no other fixture holds. tests/flux2/numerics.rs measures our bf16
 drift from `.f32` against diffusers' (`.bf16` vs `.f32`).
 
     $PARITY_VENV/bin/python scripts/parity/make_bf16_fixtures.py

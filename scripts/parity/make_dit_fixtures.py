@@ -7,7 +7,7 @@ to tests/fixtures/flux2/dit/. Run with the parity venv (scripts/parity/setup_ven
 
     $PARITY_VENV/bin/python scripts/parity/make_dit_fixtures.py
 
-Everything is seeded; the Rust tests in tests/flux2_parity.rs compare against these files.
+Everything is seeded; the Rust tests in tests/flux2/parity.rs compare against these files.
 """
 
 import json

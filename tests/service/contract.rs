@@ -235,7 +235,7 @@ async fn root_health_fields_and_request_id() {
     let s = loaded().await;
     let root: Value = s.get_json("/").await;
     assert_eq!(root["name"], "Image-Gen API");
-    // One version everywhere: GET /, /health, OpenAPI and `--version` (tests/generate_cli.rs)
+    // One version everywhere: GET /, /health, OpenAPI and `--version` (tests/cli/generate.rs)
     // all say Cargo's package version.
     let version = env!("CARGO_PKG_VERSION");
     assert_eq!(root["version"], version);

@@ -10,8 +10,7 @@ use imagegen::flux2::weights::{
     HubOptions, ModelFiles, TransformerFormat, WeightsError, bfl_var_builder,
 };
 
-mod common;
-use common::{flux2_fixtures, load_safetensors, max_abs, max_abs_diff};
+use crate::common::{flux2_fixtures, load_safetensors, max_abs, max_abs_diff};
 
 /// `weights::bfl_var_builder` (f32, CPU) over a BFL single-file fixture; also says if it is fp8.
 fn bfl_file(name: &str) -> (VarBuilder<'static>, bool) {

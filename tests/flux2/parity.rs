@@ -12,8 +12,7 @@ use imagegen::flux2::scheduler;
 use imagegen::flux2::transformer::{Flux2Transformer2DModel, Flux2TransformerConfig};
 use imagegen::flux2::vae::{AutoencoderKLFlux2, AutoencoderKLFlux2Config, pack, patchify};
 
-mod common;
-use common::{dit_fixture, flux2_fixtures, load_safetensors, max_abs_diff};
+use crate::common::{dit_fixture, flux2_fixtures, load_safetensors, max_abs_diff};
 
 fn model_dir() -> PathBuf {
     flux2_fixtures().join("tiny-model")

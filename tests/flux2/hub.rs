@@ -18,8 +18,7 @@ const REPO: &str = "test-org/klein-tiny";
 const TOKEN: &str = "hf_stub_token";
 const COMMIT: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
-mod common;
-use common::{flux2_fixtures, max_abs_diff};
+use crate::common::{flux2_fixtures, max_abs_diff};
 
 fn model_dir() -> PathBuf {
     flux2_fixtures().join("tiny-model")

@@ -5,8 +5,6 @@
 //! reference no further than 1.2× diffusers' bf16 does, both in mean |diff| and in the 99.9th
 //! percentile of |diff|; and ours must sit close to diffusers' bf16 output itself.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -16,7 +14,7 @@ use imagegen::flux2::Quantization;
 use imagegen::flux2::pipeline::{Flux2Pipeline, LoadOptions};
 use imagegen::flux2::vae::{unpack, unpatchify};
 
-use common::{dit_fixture, flux2_fixtures, load_safetensors};
+use crate::common::{dit_fixture, flux2_fixtures, load_safetensors};
 
 /// Allowed ratio of our drift to diffusers' drift (the bar).
 const RATIO: f64 = 1.2;

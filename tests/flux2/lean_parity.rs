@@ -11,8 +11,7 @@ use imagegen::nn::LeanBudget;
 use imagegen::upscale::rrdbnet::RrdbNet;
 use imagegen::upscale::{Arch, weights};
 
-mod common;
-use common::{dit_fixture, fixtures, flux2_fixtures, load_safetensors, max_abs_diff};
+use crate::common::{dit_fixture, fixtures, flux2_fixtures, load_safetensors, max_abs_diff};
 
 /// Every conv band one output row, every GroupNorm chunk one group.
 const TINIEST: LeanBudget = LeanBudget {
@@ -48,7 +47,7 @@ fn lean_vae_matches_diffusers_and_the_plain_vae() {
     eprintln!(
         "lean vae vs diffusers: mean {e_mean:e}, decoded {e_dec:e}; vs plain {p_mean:e}, {p_dec:e}"
     );
-    // The plain VAE's own parity tolerance (tests/flux2_parity.rs), and near-identity with it.
+    // The plain VAE's own parity tolerance (tests/flux2/parity.rs), and near-identity with it.
     assert!(e_mean < 1e-4 && e_dec < 1e-4, "{e_mean} {e_dec}");
     assert!(p_mean <= 1e-5 && p_dec <= 1e-5, "{p_mean} {p_dec}");
 }

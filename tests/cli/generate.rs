@@ -2,8 +2,7 @@
 
 use std::process::Command;
 
-mod common;
-use common::{compare_images, flux2_fixtures};
+use crate::common::{compare_images, flux2_fixtures};
 
 #[test]
 fn generate_writes_the_reference_png() {
@@ -167,7 +166,7 @@ fn generate_rejects_a_bad_text_encoder_quantization() {
 #[test]
 fn generate_bf16_on_cpu_reproduces_diffusers_bf16() {
     use candle_core::{DType, Tensor};
-    let fx = common::load_safetensors(flux2_fixtures().join("bf16/numerics.safetensors"));
+    let fx = crate::common::load_safetensors(flux2_fixtures().join("bf16/numerics.safetensors"));
     let dir = tempfile::tempdir().unwrap();
     let latents = dir.path().join("latents.safetensors");
     let noise = fx["e2e.one_step.noise"].clone();

@@ -12,8 +12,7 @@ use imagegen::flux2::pipeline::{Flux2Error, Flux2Pipeline, GenerateParams, LoadO
 use imagegen::flux2::vae::{unpack, unpatchify};
 use imagegen::flux2::weights::ModelFiles;
 
-mod common;
-use common::{compare_images, dit_fixture, flux2_fixtures, load_safetensors, max_abs_diff};
+use crate::common::{compare_images, dit_fixture, flux2_fixtures, load_safetensors, max_abs_diff};
 
 fn opts(model: &Path) -> LoadOptions {
     LoadOptions {

@@ -11,8 +11,7 @@ use imagegen::flux2::transformer::{Flux2Transformer2DModel, Flux2TransformerConf
 use imagegen::flux2::vae::{AutoencoderKLFlux2, AutoencoderKLFlux2Config};
 use imagegen::flux2::weights::recording_var_builder;
 
-mod common;
-use common::{is_encoder_projection, is_loaded_encoder_tensor, stored_weight_bytes};
+use crate::common::{is_encoder_projection, is_loaded_encoder_tensor, stored_weight_bytes};
 
 fn manifest(name: &str) -> (serde_json::Value, BTreeMap<String, Vec<usize>>) {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -79,7 +78,7 @@ fn vae_requests_exactly_the_real_tensors() {
 /// text encoder loads the embedding and layers 0..26 and quantizes their q/k/v/o and
 /// gate/up/down projections, the VAE stays dense. Dense = bf16 (2 bytes, the CUDA dtype);
 /// quantized = 1 byte per weight plus an f32 scale per output row (fp8 and int8 alike).
-/// `tests/flux2_text.rs` checks the encoder part of this rule against the loaded tiny model.
+/// `tests/flux2/text.rs` checks the encoder part of this rule against the loaded tiny model.
 ///
 /// These are weight bytes, not GPU peaks: activations, the dequantized copy of the layer in
 /// flight, and allocator slack come on top. The table is in docs/benchmarks.md; this test fails

@@ -9,8 +9,7 @@ use imagegen::flux2::text_encoder::Qwen3TextEncoder;
 use imagegen::flux2::tokenizer::{MAX_LENGTH, PromptTokenizer};
 use imagegen::flux2::weights::ModelFiles;
 
-mod common;
-use common::{
+use crate::common::{
     flux2_fixtures, is_encoder_projection, is_loaded_encoder_tensor, load_safetensors, max_abs,
     max_abs_diff, stored_weight_bytes,
 };
