@@ -1,7 +1,7 @@
-//! The `imagegen` binary: `serve` (default), `generate`, `upscale`, `bench`.
+//! The `imagegen` binary: `serve` (default), `generate`, `upscale`, `bench`, `download`.
 
 use clap::{Parser, Subcommand};
-use imagegen::cli::{bench, generate, upscale};
+use imagegen::cli::{bench, download, generate, upscale};
 use imagegen::config::ServeArgs;
 
 #[derive(Debug, Parser)]
@@ -25,6 +25,8 @@ enum Command {
     Upscale(upscale::UpscaleArgs),
     /// Benchmark generation and upscaling; prints markdown and JSON.
     Bench(bench::BenchArgs),
+    /// Pre-fetch a model's files into the hub cache (resumable, with progress).
+    Download(download::DownloadArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,6 +37,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Generate(args)) => generate::run(args),
         Some(Command::Upscale(args)) => upscale::run(args),
         Some(Command::Bench(args)) => bench::run(args),
+        Some(Command::Download(args)) => download::run(args),
     }
 }
 

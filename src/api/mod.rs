@@ -55,6 +55,8 @@ pub struct AppState {
     /// Keys also guard /metrics (PROTECT_METRICS) and /docs + /openapi.json (PROTECT_DOCS).
     pub protect_metrics: bool,
     pub protect_docs: bool,
+    /// Model download progress (the process-wide one the hub loader reports to).
+    pub downloads: Arc<crate::flux2::weights::DownloadProgress>,
 }
 
 impl AppState {
@@ -259,6 +261,7 @@ pub async fn run<B: ImageBackend, U: UpscaleBackend>(
         auth,
         protect_metrics: args.protect_metrics,
         protect_docs: args.protect_docs,
+        downloads: crate::flux2::weights::DownloadProgress::global(),
     });
     if on_gpu {
         tokio::spawn(sample_gpu(Arc::downgrade(&state)));

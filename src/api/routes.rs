@@ -39,13 +39,19 @@ pub async fn health(State(app): State<Arc<AppState>>) -> Json<HealthResponse> {
     let state = app.engine.state();
     let model = state.model_status();
     let gpu = app.gpu.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let download = match model {
+        ModelStatus::Loading => app.downloads.snapshot(),
+        _ => None,
+    };
     Json(HealthResponse {
         status: match model {
             ModelStatus::Loaded => "healthy",
+            ModelStatus::Loading if download.is_some() => "downloading",
             ModelStatus::Loading => "loading",
             ModelStatus::NotLoaded | ModelStatus::Failed => "unhealthy",
         }
         .into(),
+        download,
         flux_loaded: model == ModelStatus::Loaded,
         gpu_available: gpu.available,
         gpu_name: gpu.name,

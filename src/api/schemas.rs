@@ -126,9 +126,13 @@ impl UpscaleResponse {
 /// `GET /health` (always HTTP 200).
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, ToSchema)]
 pub struct HealthResponse {
-    /// `healthy` (model loaded), `loading`, or `unhealthy` (not loaded: PRELOAD_MODELS=false or
-    /// the load failed; see `error`).
+    /// `healthy` (model loaded), `downloading` (fetching model files; see `download`),
+    /// `loading`, or `unhealthy` (not loaded: PRELOAD_MODELS=false or the load failed; see
+    /// `error`).
     pub status: String,
+    /// Model download progress while `status` is `downloading`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub download: Option<crate::flux2::weights::DownloadSnapshot>,
     pub flux_loaded: bool,
     /// True when the service computes on a CUDA GPU.
     pub gpu_available: bool,

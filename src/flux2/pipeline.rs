@@ -233,6 +233,9 @@ fn text_ids(len: usize, device: &Device) -> candle_core::Result<Tensor> {
 impl Flux2Pipeline {
     pub fn load(opts: &LoadOptions) -> Result<Self, Flux2Error> {
         let files = ModelFiles::open(&opts.model_id, opts.hf_token.clone())?;
+        // Everything is fetched first, with progress in the log and /health, so a slow first
+        // start shows what it waits for instead of stalling inside a component's load.
+        files.prefetch()?;
         Self::from_files(&files, opts)
     }
 

@@ -2,6 +2,9 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+#[path = "../common/fake_hub.rs"]
+mod fake_hub;
 
 mod bench;
+mod download;
 mod generate;

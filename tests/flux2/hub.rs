@@ -1,126 +1,39 @@
 //! The hub download path end to end against a local stub of the hub's HTTP API on 127.0.0.1
 //! (nothing leaves the machine): repo listing, a gated repo refusing requests without the token,
-//! ranged downloads into the standard HF cache layout, then offline use of that cache.
+//! ranged downloads into the standard HF cache layout, offline use of that cache, a transfer
+//! resumed after a dropped connection, and a digest that does not match.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use axum::Router;
-use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use candle_core::{DType, Device};
 use imagegen::flux2::text_encoder::PromptEncoder;
-use imagegen::flux2::weights::{HubOptions, ModelFiles, WeightsError};
-
-const REPO: &str = "test-org/klein-tiny";
-const TOKEN: &str = "hf_stub_token";
-const COMMIT: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+use imagegen::flux2::weights::{DownloadProgress, HubOptions, ModelFiles, WeightsError};
 
 use crate::common::{flux2_fixtures, max_abs_diff};
+use crate::fake_hub::{COMMIT, FakeHub, Faults, REPO, TOKEN};
 
 fn model_dir() -> PathBuf {
     flux2_fixtures().join("tiny-model")
 }
 
-fn authorized(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        == Some(&format!("Bearer {TOKEN}"))
-}
-
-fn repo_files(root: &Path) -> Vec<String> {
-    let files = ModelFiles::local(root).unwrap();
-    files.files().map(str::to_string).collect()
-}
-
-async fn info(
-    State(root): State<PathBuf>,
-    UrlPath((owner, name)): UrlPath<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    if !authorized(&headers) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
-    if format!("{owner}/{name}") != REPO {
-        return StatusCode::NOT_FOUND.into_response();
-    }
-    let siblings: Vec<_> = repo_files(&root)
-        .into_iter()
-        .map(|f| serde_json::json!({ "rfilename": f }))
-        .collect();
-    axum::Json(serde_json::json!({ "siblings": siblings, "sha": COMMIT })).into_response()
-}
-
-/// `GET /{repo}/resolve/main/{file}` with `Range: bytes=a-b`, as hf-hub 0.4 requests it.
-async fn resolve(
-    State(root): State<PathBuf>,
-    UrlPath((_owner, _name, file)): UrlPath<(String, String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    if !authorized(&headers) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
-    let Ok(bytes) = std::fs::read(root.join(&file)) else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    let (start, stop) = headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|r| r.strip_prefix("bytes="))
-        .and_then(|r| r.split_once('-'))
-        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
-        .unwrap_or((0, bytes.len().saturating_sub(1)));
-    let stop = stop.min(bytes.len().saturating_sub(1));
-    let etag = format!("\"etag-{}\"", file.replace('/', "-"));
-    (
-        StatusCode::PARTIAL_CONTENT,
-        [
-            ("etag", etag),
-            ("x-repo-commit", COMMIT.to_string()),
-            (
-                "content-range",
-                format!("bytes {start}-{stop}/{}", bytes.len()),
-            ),
-        ],
-        bytes[start..=stop].to_vec(),
-    )
-        .into_response()
-}
-
-/// Starts the stub on a free loopback port, in its own thread and runtime.
-fn start_stub(root: PathBuf) -> SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let app = Router::new()
-                .route("/api/models/{owner}/{name}/revision/main", get(info))
-                .route("/{owner}/{name}/resolve/main/{*file}", get(resolve))
-                .with_state(root);
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            axum::serve(listener, app).await.unwrap();
-        });
-    });
-    rx.recv().unwrap()
-}
-
 #[test]
 fn hub_download_with_token_then_offline_from_cache() {
-    let addr = start_stub(model_dir());
+    let hub = FakeHub::start(
+        &model_dir(),
+        Faults {
+            require_token: true,
+            ..Default::default()
+        },
+    );
     let cache = tempfile::tempdir().unwrap();
     let opts = |token: Option<&str>| HubOptions {
         token: token.map(str::to_string),
         cache_dir: Some(cache.path().to_path_buf()),
-        endpoint: Some(format!("http://{addr}")),
+        endpoint: Some(hub.endpoint()),
         offline: false,
         list_timeout: None,
+        ..Default::default()
     };
 
     // Gated: without the token the hub answers 401 and nothing is cached.
@@ -163,4 +76,91 @@ fn hub_download_with_token_then_offline_from_cache() {
         err.contains("vae/config.json") && err.contains(REPO),
         "{err}"
     );
+}
+
+const CHUNK: usize = 64 * 1024;
+
+fn hub_opts(hub: &FakeHub, cache: &std::path::Path, progress: Arc<DownloadProgress>) -> HubOptions {
+    HubOptions {
+        cache_dir: Some(cache.to_path_buf()),
+        endpoint: Some(hub.endpoint()),
+        progress: Some(progress),
+        retries: 3,
+        chunk_size: Some(CHUNK),
+        ..Default::default()
+    }
+}
+
+/// A connection that breaks mid-file is resumed from the committed chunks, not restarted, and
+/// the result has the listed size and sha256; progress counts every needed byte once.
+#[test]
+fn a_dropped_download_resumes_and_is_verified() {
+    const FILE: &str = "transformer/diffusion_pytorch_model.safetensors";
+    let hub = FakeHub::start(
+        &model_dir(),
+        Faults {
+            drop_once: Some(FILE.into()),
+            ..Default::default()
+        },
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let progress = Arc::new(DownloadProgress::default());
+    let files =
+        ModelFiles::open_with(REPO, hub_opts(&hub, cache.path(), progress.clone())).unwrap();
+    let needed = files.needed_files();
+    assert!(needed.contains(&FILE.to_string()) && needed.contains(&"model_index.json".into()));
+    let total: u64 = needed
+        .iter()
+        .map(|f| std::fs::metadata(model_dir().join(f)).unwrap().len())
+        .sum();
+
+    let fetched = files.prefetch().unwrap();
+    assert_eq!(fetched, total, "every needed byte counted once");
+    assert!(hub.dropped(), "the stub broke one transfer");
+    let size = std::fs::metadata(model_dir().join(FILE)).unwrap().len();
+    // Restarting from zero would send the file twice; resuming sends it once plus the chunk
+    // that broke (and hf-hub's one-byte metadata probe).
+    let served = hub.served(FILE);
+    assert!(
+        served < size + 2 * CHUNK as u64,
+        "served {served} bytes of a {size}-byte file: not resumed"
+    );
+    assert_eq!(
+        std::fs::read(files.get(FILE).unwrap()).unwrap(),
+        std::fs::read(model_dir().join(FILE)).unwrap()
+    );
+    assert!(
+        progress.snapshot().is_none(),
+        "progress ends with the download"
+    );
+    // A second prefetch finds everything cached.
+    assert_eq!(files.prefetch().unwrap(), 0);
+}
+
+/// A file whose bytes do not match the listed sha256 is an error naming the file, and is not
+/// left in the cache as if good.
+#[test]
+fn a_digest_mismatch_is_refused_and_not_cached() {
+    const FILE: &str = "vae/diffusion_pytorch_model.safetensors";
+    let hub = FakeHub::start(
+        &model_dir(),
+        Faults {
+            wrong_sha256: Some(FILE.into()),
+            ..Default::default()
+        },
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let opts = hub_opts(&hub, cache.path(), Arc::default());
+    let files = ModelFiles::open_with(REPO, opts.clone()).unwrap();
+    let err = files.prefetch().unwrap_err().to_string();
+    assert!(
+        err.contains(FILE) && err.contains("sha256 mismatch"),
+        "{err}"
+    );
+    let offline = HubOptions {
+        offline: true,
+        ..opts
+    };
+    let cached = ModelFiles::open_with(REPO, offline).unwrap();
+    assert!(cached.get(FILE).is_err(), "the bad blob was removed");
 }

@@ -4,6 +4,8 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+#[path = "../common/fake_hub.rs"]
+mod fake_hub;
 
 mod hub;
 mod lean_parity;

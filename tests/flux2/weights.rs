@@ -172,6 +172,7 @@ fn unreachable_hub(cache: &Path) -> HubOptions {
         endpoint: Some("http://127.0.0.1:9".into()),
         offline: false,
         list_timeout: None,
+        ..Default::default()
     }
 }
 

@@ -1,11 +1,13 @@
 //! The hub side of model files: what `MODEL_ID` names, listing a repo (cache first when the hub
 //! cannot be reached) and fetching one file into the standard cache (`HF_HOME`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use hf_hub::{Cache, Repo, RepoType};
 
+use super::progress::{DownloadProgress, Reporter};
 use super::{FIX_HUB, WeightsError, list_dir};
 
 pub use crate::limits::DEFAULT_MODEL_ID;
@@ -66,6 +68,22 @@ pub struct HubOptions {
     /// How long listing the repo may take before the cache is used instead (`None`: 30 s), so
     /// a network that drops packets cannot hang model loading.
     pub list_timeout: Option<std::time::Duration>,
+    /// Where download progress goes (`None`: nowhere); the server uses
+    /// [`DownloadProgress::global`], which /health reads.
+    pub progress: Option<Arc<DownloadProgress>>,
+    /// Tries after the first when a download breaks off; each resumes from what the last one
+    /// committed (hf-hub keeps a `.sync.part` file and a committed-bytes marker).
+    pub retries: u32,
+    /// Ranged-request size, the resume granularity (`None`: hf-hub's 10 MB).
+    pub chunk_size: Option<usize>,
+}
+
+/// What the hub's listing says about one file; empty for a listing read from the cache.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HubFile {
+    pub size: Option<u64>,
+    /// Set for LFS files (the weights), whose etag is this digest.
+    pub sha256: Option<String>,
 }
 
 impl HubOptions {
@@ -79,7 +97,15 @@ impl HubOptions {
             endpoint: None,
             offline,
             list_timeout: None,
+            progress: Some(DownloadProgress::global()),
+            retries: 5,
+            chunk_size: None,
         }
+    }
+
+    /// Where the hub cache is.
+    pub fn cache_path(&self) -> PathBuf {
+        self.cache().path().clone()
     }
 
     fn cache(&self) -> Cache {
@@ -95,7 +121,7 @@ impl HubOptions {
 pub(super) fn list(
     repo: &str,
     opts: &HubOptions,
-) -> Result<(BTreeSet<String>, bool), WeightsError> {
+) -> Result<(BTreeMap<String, HubFile>, bool), WeightsError> {
     let cache = opts.cache();
     let cached = cached_files(&cache, repo);
     let listed = if opts.offline {
@@ -107,16 +133,35 @@ pub(super) fn list(
             .unwrap_or(std::time::Duration::from_secs(30));
         run_blocking(move || async move {
             let api = build_api(&o)?;
-            let info = tokio::time::timeout(limit, api.model(r).info())
+            // `blobs=true` adds each file's size and, for LFS files, its sha256.
+            let request = api.model(r).info_request().query(&[("blobs", "true")]);
+            let listing = async {
+                let response = request.send().await.map_err(|e| e.to_string())?;
+                let response = response.error_for_status().map_err(|e| e.to_string())?;
+                response.json::<Listing>().await.map_err(|e| e.to_string())
+            };
+            let listing = tokio::time::timeout(limit, listing)
                 .await
-                .map_err(|_| format!("no answer within {limit:?}"))?
-                .map_err(|e| e.to_string())?;
-            Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
+                .map_err(|_| format!("no answer within {limit:?}"))??;
+            Ok(listing
+                .siblings
+                .into_iter()
+                .map(|s| {
+                    let meta = HubFile {
+                        size: s.size.or(s.lfs.as_ref().map(|l| l.size)),
+                        sha256: s.lfs.map(|l| l.sha256),
+                    };
+                    (s.rfilename, meta)
+                })
+                .collect())
         })
     };
     match (listed, cached) {
         (Ok(files), _) => Ok((files, true)),
-        (Err(_), Some(files)) if !files.is_empty() => Ok((files, false)),
+        (Err(_), Some(files)) if !files.is_empty() => Ok((
+            files.into_iter().map(|f| (f, HubFile::default())).collect(),
+            false,
+        )),
         (Err(reason), _) => Err(WeightsError::Offline {
             repo: repo.to_string(),
             cache: cache.path().display().to_string(),
@@ -131,13 +176,98 @@ pub(super) fn cached(repo: &str, opts: &HubOptions, file: &str) -> Option<PathBu
     opts.cache().model(repo.to_string()).get(file)
 }
 
-/// Downloads `file` into the cache and returns its path.
-pub(super) fn download(repo: &str, opts: &HubOptions, file: &str) -> Result<PathBuf, String> {
-    let (o, r, f) = (opts.clone(), repo.to_string(), file.to_string());
-    run_blocking(move || async move {
-        let api = build_api(&o)?;
-        api.model(r).get(&f).await.map_err(|e| e.to_string())
-    })
+/// Downloads `file` into the cache and returns its path. A broken-off transfer is retried
+/// `opts.retries` times, each try resuming where the last stopped; the result is checked against
+/// the listing's size and sha256 (a mismatching blob is deleted, so the next start refetches it).
+pub(super) fn download(
+    repo: &str,
+    opts: &HubOptions,
+    file: &str,
+    expected: &HubFile,
+) -> Result<PathBuf, String> {
+    let progress = opts.progress.clone().unwrap_or_default();
+    let mut failures = 0;
+    // One runtime per try: hf-hub does not cancel the chunk tasks of a failed try, and dropping
+    // their runtime does, so a resumed try is the only one still transferring.
+    let path = loop {
+        let (o, r, f, p) = (
+            opts.clone(),
+            repo.to_string(),
+            file.to_string(),
+            progress.clone(),
+        );
+        let tried = run_blocking(move || async move {
+            let api = build_api(&o)?;
+            api.model(r)
+                .download_with_progress(&f, Reporter(p))
+                .await
+                .map_err(|e| e.to_string())
+        });
+        match tried {
+            Ok(path) => break path,
+            Err(e) if failures < opts.retries => {
+                failures += 1;
+                let wait = std::time::Duration::from_millis(250 * (1 << failures.min(5)));
+                tracing::warn!(
+                    file,
+                    error = %e,
+                    "model download interrupted; resuming (try {} of {}) in {wait:?}",
+                    failures + 1,
+                    opts.retries + 1
+                );
+                std::thread::sleep(wait);
+            }
+            Err(e) => return Err(format!("{e} (after {} tries)", failures + 1)),
+        }
+    };
+    verify(&path, expected).inspect_err(|_| {
+        if let Ok(blob) = std::fs::canonicalize(&path) {
+            let _ = std::fs::remove_file(blob);
+        }
+        let _ = std::fs::remove_file(&path);
+    })?;
+    Ok(path)
+}
+
+/// The downloaded file has the size and sha256 the hub listed (when it listed them).
+fn verify(path: &Path, expected: &HubFile) -> Result<(), String> {
+    let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    if let Some(size) = expected.size
+        && size != len
+    {
+        return Err(format!(
+            "size mismatch: the hub lists {size} bytes, got {len}"
+        ));
+    }
+    if let Some(want) = &expected.sha256 {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+        std::io::copy(&mut f, &mut hasher).map_err(|e| e.to_string())?;
+        let got = format!("{:x}", hasher.finalize());
+        if !got.eq_ignore_ascii_case(want) {
+            return Err(format!("sha256 mismatch: the hub lists {want}, got {got}"));
+        }
+    }
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct Listing {
+    siblings: Vec<Sibling>,
+}
+
+#[derive(serde::Deserialize)]
+struct Sibling {
+    rfilename: String,
+    size: Option<u64>,
+    lfs: Option<Lfs>,
+}
+
+#[derive(serde::Deserialize)]
+struct Lfs {
+    sha256: String,
+    size: u64,
 }
 
 /// Files of the cached snapshot that `refs/main` points at, if the repo is in the cache.
@@ -153,6 +283,9 @@ fn cached_files(cache: &Cache, repo: &str) -> Option<BTreeSet<String>> {
 
 fn build_api(opts: &HubOptions) -> Result<hf_hub::api::tokio::Api, String> {
     let mut b = hf_hub::api::tokio::ApiBuilder::from_cache(opts.cache()).with_progress(false);
+    if let Some(chunk) = opts.chunk_size {
+        b = b.with_chunk_size(Some(chunk));
+    }
     if let Ok(ep) = std::env::var("HF_ENDPOINT") {
         b = b.with_endpoint(ep);
     }

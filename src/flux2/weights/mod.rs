@@ -14,10 +14,11 @@
 
 mod bfl;
 mod hub;
+mod progress;
 #[cfg(any(test, feature = "test-support"))]
 mod recording;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
@@ -28,9 +29,10 @@ use super::transformer::Flux2TransformerConfig;
 
 pub use bfl::{RAW_FP8_SCALE_SUFFIX, RAW_FP8_SUFFIX, bfl_var_builder};
 pub use hub::{
-    DEFAULT_MODEL_ID, HubOptions, ModelSource, REPO_4B, REPO_9B, hf_token_from_env,
+    DEFAULT_MODEL_ID, HubFile, HubOptions, ModelSource, REPO_4B, REPO_9B, hf_token_from_env,
     resolve_model_id,
 };
+pub use progress::{DownloadProgress, DownloadSnapshot, human_bytes};
 #[cfg(any(test, feature = "test-support"))]
 pub use recording::{RequestLog, recording_var_builder};
 
@@ -75,6 +77,8 @@ enum Backing {
         opts: HubOptions,
         /// Files cached locally (offline) or listed by the hub.
         online: bool,
+        /// Sizes and digests from the hub's listing (empty when listed from the cache).
+        meta: BTreeMap<String, HubFile>,
     },
 }
 
@@ -129,15 +133,16 @@ impl ModelFiles {
     }
 
     fn hub(repo: &str, opts: HubOptions) -> Result<Self, WeightsError> {
-        let (files, online) = hub::list(repo, &opts)?;
+        let (meta, online) = hub::list(repo, &opts)?;
         Ok(Self {
             id: repo.to_string(),
+            files: meta.keys().cloned().collect(),
             backing: Backing::Hub {
                 repo: repo.to_string(),
                 opts,
                 online,
+                meta,
             },
-            files,
             weights_override: None,
         })
     }
@@ -171,17 +176,25 @@ impl ModelFiles {
         }
         match &self.backing {
             Backing::Local(dir) => Ok(dir.join(file)),
-            Backing::Hub { repo, opts, online } => {
+            Backing::Hub {
+                repo,
+                opts,
+                online,
+                meta,
+            } => {
                 if let Some(p) = hub::cached(repo, opts, file) {
                     return Ok(p);
                 }
                 if !*online {
                     return Err(self.missing(file));
                 }
-                hub::download(repo, opts, file).map_err(|reason| WeightsError::MissingFile {
-                    file: file.to_string(),
-                    location: format!("hub repo {repo} (download failed: {reason})"),
-                    fix: FIX_HUB.to_string(),
+                let expected = meta.get(file).cloned().unwrap_or_default();
+                hub::download(repo, opts, file, &expected).map_err(|reason| {
+                    WeightsError::MissingFile {
+                        file: file.to_string(),
+                        location: format!("hub repo {repo} (download failed: {reason})"),
+                        fix: FIX_HUB.to_string(),
+                    }
                 })
             }
         }
@@ -271,6 +284,76 @@ impl ModelFiles {
             .iter()
             .find(|f| !f.contains('/') && f.starts_with("flux-2") && f.ends_with(".safetensors"))
             .cloned()
+    }
+
+    /// The files a pipeline load reads: the index, the components' folders, and the BFL single
+    /// file only when there is no diffusers transformer (so a repo with both is fetched once).
+    pub fn needed_files(&self) -> Vec<String> {
+        const COMPONENTS: [&str; 5] = [
+            "scheduler/",
+            "text_encoder/",
+            "tokenizer/",
+            "transformer/",
+            "vae/",
+        ];
+        let diffusers_transformer = self
+            .files
+            .iter()
+            .any(|f| f.starts_with("transformer/") && f.contains(".safetensors"));
+        let mut needed: Vec<String> = self
+            .files
+            .iter()
+            .filter(|f| *f == "model_index.json" || COMPONENTS.iter().any(|c| f.starts_with(c)))
+            .cloned()
+            .collect();
+        if !diffusers_transformer && let Some(bfl) = self.bfl_transformer_file() {
+            needed.push(bfl);
+        }
+        needed
+    }
+
+    /// Downloads every needed file that is not cached yet, reporting progress (log and
+    /// /health); returns the bytes fetched. Local models and offline caches fetch nothing.
+    pub fn prefetch(&self) -> Result<u64, WeightsError> {
+        let Backing::Hub {
+            repo,
+            opts,
+            online: true,
+            meta,
+        } = &self.backing
+        else {
+            return Ok(0);
+        };
+        let missing: Vec<String> = self
+            .needed_files()
+            .into_iter()
+            .filter(|f| hub::cached(repo, opts, f).is_none())
+            .collect();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let size = |f: &str| meta.get(f).and_then(|m| m.size).unwrap_or(0);
+        let total: u64 = missing.iter().map(|f| size(f)).sum();
+        let progress = opts.progress.clone().unwrap_or_default();
+        tracing::info!(
+            repo = %repo,
+            files = missing.len(),
+            total_bytes = total,
+            "downloading {} model files ({}) into {}",
+            missing.len(),
+            human_bytes(total),
+            opts.cache_path().display()
+        );
+        progress.begin(missing.len() as u64, total);
+        let fetched = missing.iter().try_fold(0u64, |sum, f| {
+            self.get(f)?;
+            progress.finish_file(size(f));
+            Ok::<_, WeightsError>(sum + size(f))
+        });
+        progress.end();
+        let fetched = fetched?;
+        tracing::info!(repo = %repo, bytes = fetched, "model files downloaded");
+        Ok(fetched)
     }
 
     /// `transformer/config.json`, or for a BFL single-file model without it, the config read off
