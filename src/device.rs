@@ -1,5 +1,7 @@
 //! Device and dtype selection shared by every model.
 
+pub mod choice;
+
 use candle_core::{DType, Device};
 
 /// The compute device asked for on the command line or in the environment.
@@ -16,6 +18,11 @@ pub enum DeviceKind {
 impl DeviceKind {
     /// Opens the device. `Cuda` on a CPU-only build is an error, not a silent fallback.
     pub fn open(self) -> anyhow::Result<Device> {
+        if let choice::DeviceDecision::Refuse(why) =
+            choice::decide(self, cfg!(feature = "cuda"), &NoGpuProbe)
+        {
+            anyhow::bail!(why);
+        }
         let device = match self {
             DeviceKind::Cpu => Device::Cpu,
             DeviceKind::Cuda => Device::new_cuda(0)?,
@@ -29,6 +36,15 @@ impl DeviceKind {
             }
         }
         Ok(device)
+    }
+}
+
+/// A probe that sees nothing: `open` only needs the refusal, not the warning.
+struct NoGpuProbe;
+
+impl choice::GpuProbe for NoGpuProbe {
+    fn gpu(&self) -> Option<String> {
+        None
     }
 }
 

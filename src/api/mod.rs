@@ -28,6 +28,7 @@ pub use errors::ApiError;
 
 use crate::config::ServeArgs;
 use crate::device::GpuInfo;
+use crate::device::choice::{self as device_choice, DeviceDecision, SystemProbe};
 use crate::engine::{Admission, BackendLoader, Engine, ImageBackend, ModelStatus, UpscaleBackend};
 use crate::flux2::Quantization;
 use crate::io::{FetchConfig, Fetcher, UploadConfig, Uploader, UrlPolicy};
@@ -57,6 +58,8 @@ pub struct AppState {
     pub protect_docs: bool,
     /// Model download progress (the process-wide one the hub loader reports to).
     pub downloads: Arc<crate::flux2::weights::DownloadProgress>,
+    /// What the operator must know about this process (a GPU the binary cannot use).
+    pub warnings: Vec<String>,
 }
 
 impl AppState {
@@ -192,6 +195,15 @@ pub async fn run<B: ImageBackend, U: UpscaleBackend>(
     upscaler: U,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let mut warnings = Vec::new();
+    if let DeviceDecision::Proceed { warning: Some(w) } =
+        device_choice::decide(args.model.device, cfg!(feature = "cuda"), &SystemProbe)
+    {
+        tracing::warn!("{}", "!".repeat(78));
+        tracing::warn!("{w}");
+        tracing::warn!("{}", "!".repeat(78));
+        warnings.push(w);
+    }
     let policy = UrlPolicy {
         allow_private: args.allow_private_urls,
     };
@@ -262,6 +274,7 @@ pub async fn run<B: ImageBackend, U: UpscaleBackend>(
         protect_metrics: args.protect_metrics,
         protect_docs: args.protect_docs,
         downloads: crate::flux2::weights::DownloadProgress::global(),
+        warnings,
     });
     if on_gpu {
         tokio::spawn(sample_gpu(Arc::downgrade(&state)));

@@ -67,6 +67,7 @@ pub async fn health(State(app): State<Arc<AppState>>) -> Json<HealthResponse> {
         error: state.model_error(),
         attention: state.attention(),
         auth: app.auth.mode().as_str().into(),
+        warnings: app.warnings.clone(),
     })
 }
 

@@ -160,6 +160,8 @@ pub struct HealthResponse {
     pub attention: Option<crate::flux2::attention::AttentionReport>,
     /// Access control: `none` (open: no API key configured) or `api_key`.
     pub auth: String,
+    /// Operator warnings, e.g. a CPU-only binary on a machine with a GPU it cannot use.
+    pub warnings: Vec<String>,
 }
 
 /// `GET /`.

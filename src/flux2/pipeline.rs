@@ -249,6 +249,13 @@ impl Flux2Pipeline {
             file: "transformer/config.json".into(),
             message: m,
         })?;
+        if device.is_cpu() {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let params = files.transformer_parameters().unwrap_or(0);
+            if let Some(w) = crate::device::choice::cpu_time_warning(params, 1024, 4, threads) {
+                tracing::warn!("{w}");
+            }
+        }
         let vcfg: AutoencoderKLFlux2Config = files.read_json("vae/config.json")?;
         let text =
             PromptEncoder::load_quantized(files, dtype, &device, opts.text_encoder_quantization)?;

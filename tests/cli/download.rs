@@ -113,3 +113,45 @@ async fn first_start_reports_downloading_in_health_then_serves() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `make run`'s choice (scripts/run.sh, dry run): the CPU binary without a GPU, the CUDA
+/// build for the GPU's family with one (a fake nvidia-smi on PATH stands in for the driver).
+#[test]
+fn make_run_picks_cuda_when_a_gpu_is_present() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/run.sh");
+    let run = |path: &str| {
+        let out = Command::new("bash")
+            .arg(script)
+            .env("RUN_DRY", "1")
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let system = std::env::var("PATH").unwrap_or_default();
+    let bin = tempfile::tempdir().unwrap();
+    let fake = bin.path().join("nvidia-smi");
+    // nvidia-smi present but no GPU (driver not loaded): it fails.
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2; exit 9\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let no_gpu = run(&format!("{}:{system}", bin.path().display()));
+    assert!(
+        no_gpu.contains("no NVIDIA GPU found") && no_gpu.contains("CPU binary"),
+        "{no_gpu}"
+    );
+    std::fs::write(&fake, "#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 9.0'\n").unwrap();
+    let gpu = run(&format!("{}:{system}", bin.path().display()));
+    assert!(
+        gpu.contains("H100") && gpu.contains("CUDA binary for sm_90"),
+        "{gpu}"
+    );
+    std::fs::write(&fake, "#!/bin/sh\necho 'NVIDIA GeForce RTX 4090, 8.9'\n").unwrap();
+    let ada = run(&format!("{}:{system}", bin.path().display()));
+    assert!(ada.contains("sm_89"), "{ada}");
+}

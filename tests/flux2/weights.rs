@@ -301,3 +301,15 @@ fn fp8_linear_keeps_the_files_fp8_weights() {
         .unwrap();
     assert!(!dvb.contains_tensor("transformer_blocks.0.attn.to_q.weight#fp8"));
 }
+
+/// The parameter count behind the CPU-time warning comes from the headers and equals the
+/// stored tensors' element count.
+#[test]
+fn transformer_parameters_are_counted_from_the_headers() {
+    let dir = flux2_fixtures().join("tiny-model");
+    let files = ModelFiles::local(&dir).unwrap();
+    let stored = load_safetensors(dir.join("transformer/diffusion_pytorch_model.safetensors"));
+    let want: u64 = stored.values().map(|t| t.elem_count() as u64).sum();
+    assert!(want > 0);
+    assert_eq!(files.transformer_parameters(), Some(want));
+}

@@ -356,6 +356,26 @@ impl ModelFiles {
         Ok(fetched)
     }
 
+    /// Parameters of the stored transformer, read from the safetensors headers only (`None`
+    /// for the random-weight override or unreadable files).
+    pub fn transformer_parameters(&self) -> Option<u64> {
+        if self.weights_override.is_some() {
+            return None;
+        }
+        let paths = match self.component_weight_files("transformer") {
+            Ok(p) => p,
+            Err(_) => vec![self.get(&self.bfl_transformer_file()?).ok()?],
+        };
+        // SAFETY: read-only memory map of model files; only the headers are read.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&paths).ok()? };
+        Some(
+            st.tensors()
+                .iter()
+                .map(|(_, v)| v.shape().iter().product::<usize>() as u64)
+                .sum(),
+        )
+    }
+
     /// `transformer/config.json`, or for a BFL single-file model without it, the config read off
     /// the file's tensor shapes.
     pub fn transformer_config(&self) -> Result<Flux2TransformerConfig, WeightsError> {
