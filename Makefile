@@ -165,13 +165,13 @@ SHIP_SHELL_SCRIPTS := scripts/run.sh scripts/build-cuda.sh benches/gpu-check.sh 
 .PHONY: build-cuda build-cuda-all gpu-prep lint-ship test-api
 lint: lint-ship
 
-build-cuda: ## CUDA release binary from PyPI toolkit wheels (CUDA_COMPUTE_CAP=90 default, CUDNN=1 for cuDNN convs; see README)
+build-cuda: ## CUDA release binary from PyPI toolkit wheels (CUDA_COMPUTE_CAP=90 default, CUDNN=1 for cuDNN convs; see docs/build-cuda.md)
 	scripts/build-cuda.sh
 
 # Everything benches/gpu-check.sh needs on a GPU box without network: the CUDA binary in dist/
 # and wheels of Python packages its image lacks (diffusers) in .whl/. Carry both.
 GPU_WHEELS := diffusers==0.42.1
-# One binary per kernel family (see README "GPU build": candle builds one arch per compile).
+# One binary per kernel family (see docs/build-cuda.md: candle builds one arch per compile).
 CUDA_CAPS ?= 80 89 90 120
 build-cuda-all: ## CUDA binaries for every family in CUDA_CAPS (sm_80/89/90/120), one target dir each
 	for cap in $(CUDA_CAPS); do CUDA_COMPUTE_CAP=$$cap scripts/build-cuda.sh || exit 1; done

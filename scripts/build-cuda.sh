@@ -4,7 +4,7 @@
 # nvcc, headers and the CUDA 13.0 libraries come from PyPI wheels in an ignored venv; libcuda
 # (the driver, present only where the binary runs) is replaced at link time by a generated stub
 # whose soname is libcuda.so.1. CUDA 13.0 matches an R580 driver: PTX from a newer nvcc would not
-# load there. See README "## GPU build" for the arch options and how to run the result.
+# load there. See docs/build-cuda.md for the arch options and how to run the result.
 #
 # Env knobs:
 #   CUDA_COMPUTE_CAP   kernel arch (default 90 → sm_90a: H100/H200 only). 80 → compute_80 PTX,

@@ -10,7 +10,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 
-# The kernel family for a compute capability: the families build-cuda.sh builds (see README).
+# The kernel family for a compute capability: the families build-cuda.sh builds (see docs/build-cuda.md).
 cuda_family() {
   case "$1" in
     8.0 | 8.6 | 8.7) echo 80 ;;
