@@ -162,8 +162,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     let mut upscaler: Option<Result<Upscaler, String>> = None;
-    for case in cases.iter().copied() {
+    let mut line = crate::cli::progress::ProgressLine::new("bench");
+    let total = cases.len() as u64;
+    for (done, case) in cases.iter().copied().enumerate() {
         let name = case.to_string();
+        line.update(done as u64, total, &format!("case {name}"));
         let result = match case {
             Case::Load => continue,
             Case::T2i { w, h } => {
@@ -218,6 +221,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         // Written after every case, so a run cut short by a time limit keeps what it measured.
         write_json(&args, &report)?;
     }
+    line.update(total, total, "done");
     finish(&args, &report)
 }
 

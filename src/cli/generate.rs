@@ -1,11 +1,13 @@
 //! `imagegen generate`: one image from a prompt (and optional reference images) to a PNG.
 
+use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use candle_core::Device;
 
+use crate::cli::progress::ProgressLine;
 use crate::flux2::pipeline::{Flux2Pipeline, GenerateParams, LoadOptions};
 use crate::model_args::{ModelArgs, dtype_name};
 
@@ -120,7 +122,21 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         guidance_scale: args.guidance,
         latents,
     };
-    let out = pipeline.generate(&params, refs.as_ref(), &|| false)?;
+    // The pipeline asks "cancelled?" once before each denoising step: the CLI counts steps there.
+    let steps = u64::from(args.steps);
+    let line = RefCell::new(ProgressLine::new("denoise"));
+    let step = Cell::new(0u64);
+    let started = std::time::Instant::now();
+    let on_step = || {
+        let i = step.get();
+        let detail = format!("step {i}/{steps}, {:.1} s", started.elapsed().as_secs_f64());
+        line.borrow_mut().update(i, steps, &detail);
+        step.set(i + 1);
+        false
+    };
+    let out = pipeline.generate(&params, refs.as_ref(), &on_step)?;
+    let detail = format!("done, {:.1} s", started.elapsed().as_secs_f64());
+    line.borrow_mut().update(steps, steps, &detail);
     out.image
         .save_with_format(&args.output, image::ImageFormat::Png)
         .with_context(|| format!("--output {}: cannot write PNG", args.output.display()))?;

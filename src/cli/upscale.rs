@@ -67,7 +67,15 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let up = Upscaler::load(&opts, &device)?;
     let t1 = Instant::now();
+    // One call does every tile, so the line says when it starts and when it is done.
+    let mut line = crate::cli::progress::ProgressLine::new("upscale");
+    line.update(
+        0,
+        1,
+        &format!("{}x{} x{}", img.width(), img.height(), args.scale),
+    );
     let out = up.upscale_dynamic(&img, args.scale)?;
+    line.update(1, 1, &format!("done, {:.1} s", t1.elapsed().as_secs_f64()));
     let t2 = Instant::now();
     out.save(&args.output)
         .with_context(|| format!("writing --output {}", args.output.display()))?;

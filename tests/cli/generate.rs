@@ -125,6 +125,9 @@ fn generate_quantizes_the_text_encoder_with_quantization_unless_told_otherwise()
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("transformer int8, text encoder int8"), "{err}");
+    // Not a terminal: plain progress lines, the first at step 0 and the last at 100 %.
+    assert!(err.contains("denoise: 0% (0/"), "{err}");
+    assert!(err.contains("denoise: 100%"), "{err}");
     let got = image::open(&out).unwrap().to_rgb8();
     let (frac, worst) = compare_images(&got, &want);
     assert!(worst <= 5, "max diff {worst}");
