@@ -139,7 +139,10 @@ fixtures-flux2-bf16: parity-venv
 
 fixtures: fixtures-flux2-bf16
 
-.PHONY: bench-flux2-cpu
+.PHONY: bench-flux2-cpu bench-cpu
+bench-cpu: ## candle vs PyTorch on CPU, interleaved, load recorded (BENCH_ARGS="--threads 2 --rounds 5 --cases ...")
+	PARITY_VENV=$(PARITY_VENV) $(CARGO) bench --bench cpu_vs_torch -- $(BENCH_ARGS)
+
 bench-flux2-cpu: ## FLUX.2 transformer forward + VAE decode on CPU: candle vs PyTorch, same threads
 	$(CARGO) bench --bench flux2_cpu
 	$(PARITY_VENV)/bin/python benches/flux2_torch.py

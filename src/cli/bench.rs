@@ -8,6 +8,7 @@ pub mod harness;
 pub mod memory;
 pub mod random;
 pub mod report;
+pub mod versus;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
