@@ -33,7 +33,8 @@ fn build(case: &str) -> Run {
                 "num_attention_heads": heads, "joint_attention_dim": joint,
             }))
             .unwrap();
-            let make = |vb: support::Weights| Flux2Transformer2DModel::new(&cfg, vb, Quantization::None);
+            let make =
+                |vb: support::Weights| Flux2Transformer2DModel::new(&cfg, vb, Quantization::None);
             let model = make(support::plain_weights(DType::F32, &dev, make)).unwrap();
             let n = grid * grid;
             let x = Tensor::randn(0f32, 1.0, (1, n, 128), &dev).unwrap();
@@ -56,7 +57,8 @@ fn build(case: &str) -> Run {
                 (vec![128, 256, 512, 512], 64)
             };
             let cfg: AutoencoderKLFlux2Config =
-                serde_json::from_value(serde_json::json!({ "block_out_channels": blocks })).unwrap();
+                serde_json::from_value(serde_json::json!({ "block_out_channels": blocks }))
+                    .unwrap();
             let make = |vb: support::Weights| AutoencoderKLFlux2::new(&cfg, vb);
             let vae = make(support::plain_weights(DType::F32, &dev, make)).unwrap();
             let z = Tensor::randn(0f32, 1.0, (1, 32, latent, latent), &dev).unwrap();
@@ -115,7 +117,10 @@ struct Torch {
 
 impl Torch {
     fn start(python: &str, threads: usize) -> Torch {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/cpu_vs_torch_worker.py");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/cpu_vs_torch_worker.py"
+        );
         let mut child = Command::new(python)
             .args([script, "--threads", &threads.to_string()])
             .env("OMP_NUM_THREADS", threads.to_string())
@@ -182,7 +187,9 @@ fn main() {
     // Before candle's first op: its GEMMs and rayon's pool read this once.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     let cases: Vec<String> = flag(&args, "--cases")
-        .unwrap_or_else(|| "dit_forward,vae_decode_128,vae_decode_512,text_encoder,x4plus_64".into())
+        .unwrap_or_else(|| {
+            "dit_forward,vae_decode_128,vae_decode_512,text_encoder,x4plus_64".into()
+        })
         .split(',')
         .map(str::to_string)
         .collect();
