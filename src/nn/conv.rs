@@ -9,7 +9,7 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use super::LeanGroupNorm;
+use super::{LeanGroupNorm, cpu_conv};
 
 /// Zero padding per side (the encoder's downsamplers pad only bottom and right).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,7 +207,7 @@ impl LeanConv2d {
             let lo = (r0 * s) as isize - p.top as isize;
             let hi = ((r1 - 1) * s + k) as isize - p.top as isize;
             let (src_lo, src_hi) = (lo.max(0) as usize, hi.min(h as isize) as usize);
-            // Scoped so only the padded band outlives this statement.
+            // Scoped so only the band's input outlives this statement.
             let band = {
                 let src = if up2 {
                     up2_rows(x, src_lo, src_hi)?
@@ -218,14 +218,14 @@ impl LeanConv2d {
                     (Some(norm), Some(stats)) => norm.silu_rows(stats, &src)?,
                     _ => src,
                 };
-                let (top, bottom) = (
-                    (src_lo as isize - lo) as usize,
-                    (hi - src_hi as isize) as usize,
-                );
-                src.pad_with_zeros(3, p.left, p.right)?
-                    .pad_with_zeros(2, top, bottom)?
+                let band_pad = Pad {
+                    top: (src_lo as isize - lo) as usize,
+                    bottom: (hi - src_hi as isize) as usize,
+                    ..p
+                };
+                (src, band_pad)
             };
-            let y = self.conv_bias(&band, 0)?;
+            let y = self.conv_bias(&band.0, band.1)?;
             drop(band);
             let y = match self.leaky_relu {
                 Some(slope) => leaky_relu_lean(&y, slope)?,
@@ -244,33 +244,41 @@ impl LeanConv2d {
     /// candle_nn's `Conv2d::forward` (explicitly padded first when the padding is not uniform)
     /// and `candle_nn::ops::leaky_relu`.
     fn plain(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match self.pad.as_uniform() {
-            Some(p) => self.conv_bias(x, p)?,
-            None => self.conv_bias(
-                &x.pad_with_zeros(3, self.pad.left, self.pad.right)?
-                    .pad_with_zeros(2, self.pad.top, self.pad.bottom)?,
-                0,
-            )?,
-        };
+        let y = self.conv_bias(x, self.pad)?;
         match self.leaky_relu {
             Some(slope) => candle_nn::ops::leaky_relu(&y, slope),
             None => Ok(y),
         }
     }
 
-    /// conv2d + bias. bf16 on the CPU (no candle kernel) runs in f32 and is rounded once after
-    /// the bias, as PyTorch's CPU bf16 conv (oneDNN: f32 accumulation, bias in f32) does.
-    fn conv_bias(&self, x: &Tensor, pad: usize) -> Result<Tensor> {
-        if x.dtype() == DType::BF16 && x.device().is_cpu() {
-            let w = self.weight.to_dtype(DType::F32)?;
-            let y = x.to_dtype(DType::F32)?.conv2d(&w, pad, self.stride, 1, 1)?;
-            let y = match &self.bias {
-                Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?.reshape((1, (), 1, 1))?)?,
-                None => y,
-            };
-            return y.to_dtype(DType::BF16);
+    /// conv2d + bias with zero padding `pad`. On the CPU, f32 and bf16 run in
+    /// [`cpu_conv::conv2d_f32`] (candle's values, without its NHWC and scatter passes, padding
+    /// read in place); bf16, which candle's CPU conv lacks, is computed in f32 and rounded once
+    /// after the bias, as PyTorch's CPU bf16 conv (oneDNN: f32 accumulation, bias in f32) does.
+    fn conv_bias(&self, x: &Tensor, pad: Pad) -> Result<Tensor> {
+        if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16) {
+            let bias = self
+                .bias
+                .as_ref()
+                .map(|b| b.to_dtype(DType::F32))
+                .transpose()?;
+            let y = cpu_conv::conv2d_f32(
+                &x.to_dtype(DType::F32)?,
+                &self.weight.to_dtype(DType::F32)?,
+                bias.as_ref(),
+                self.stride,
+                pad,
+            )?;
+            return y.to_dtype(x.dtype());
         }
-        self.add_bias(x.conv2d(&self.weight, pad, self.stride, 1, 1)?)
+        let y = match pad.as_uniform() {
+            Some(p) => x.conv2d(&self.weight, p, self.stride, 1, 1)?,
+            None => x
+                .pad_with_zeros(3, pad.left, pad.right)?
+                .pad_with_zeros(2, pad.top, pad.bottom)?
+                .conv2d(&self.weight, 0, self.stride, 1, 1)?,
+        };
+        self.add_bias(y)
     }
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {

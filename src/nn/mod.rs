@@ -8,6 +8,7 @@
 //! unbanded ops unchanged, so plain and lean can be compared side by side.
 
 pub mod conv;
+pub mod cpu_conv;
 pub mod group_norm;
 pub mod matmul;
 

@@ -7,6 +7,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 use crate::nn::conv::lean_conv2d;
+use crate::nn::matmul::conv2d;
 use crate::nn::{LeanBudget, LeanConv2d, Pad};
 
 /// Hyper-parameters of `RRDBNet(num_in_ch, num_out_ch, scale, num_feat, num_block, num_grow_ch)`.
@@ -109,9 +110,9 @@ impl Module for ResidualDenseBlock {
         let mut feats = vec![x.clone()];
         for conv in &self.convs[..4] {
             let input = Tensor::cat(&feats, 1)?;
-            feats.push(lrelu(&conv.forward(&input)?)?);
+            feats.push(lrelu(&conv2d(conv, &input)?)?);
         }
-        let x5 = self.convs[4].forward(&Tensor::cat(&feats, 1)?)?;
+        let x5 = conv2d(&self.convs[4], &Tensor::cat(&feats, 1)?)?;
         (x5 * 0.2)? + x
     }
 }
@@ -189,12 +190,12 @@ impl Module for RrdbNet {
         } else {
             x.clone()
         };
-        let first = self.conv_first.forward(&x)?;
+        let first = conv2d(&self.conv_first, &x)?;
         let mut body = first.clone();
         for block in &self.body {
             body = block.forward(&body)?;
         }
-        let feat = (first + self.conv_body.forward(&body)?)?;
+        let feat = (first + conv2d(&self.conv_body, &body)?)?;
         drop(body);
         self.upsample_head(feat)
     }

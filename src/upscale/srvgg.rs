@@ -65,7 +65,7 @@ impl Module for SrvggNetCompact {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut out = x.clone();
         for (conv, act) in &self.layers {
-            out = conv.forward(&out)?;
+            out = crate::nn::matmul::conv2d(conv, &out)?;
             if let Some(act) = act {
                 out = act.forward(&out)?;
             }
