@@ -1,7 +1,8 @@
 //! candle against PyTorch on the CPU, interleaved in one command so both see the same machine:
-//! for every case, A B then B A, round after round, same thread count, after a warm-up; the load
-//! average is sampled around every round and the table says when the machine was busy. Run with
-//! `make bench-cpu` (needs the parity venv for PyTorch); writes target/bench/cpu_vs_torch.{md,json}.
+//! for every case, A B then B A, round after round, same thread count, after a warm-up. The load
+//! average is recorded, and the CPU time other processes took during every round is measured
+//! (machine busy time minus ours and the worker's): the table says when the machine was busy.
+//! Run with `make bench-cpu` (needs the parity venv for PyTorch); writes target/bench/cpu_vs_torch.{md,json}.
 //!
 //! Flags after `--`: `--threads N` (2), `--rounds N` (5), `--cases a,b` (all), `--python PATH`.
 //! Random weights: timing only.
@@ -169,6 +170,19 @@ fn load() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// Clock ticks a second of /proc's CPU times (USER_HZ: 100 on every Linux this runs on).
+const USER_HZ: f64 = 100.0;
+
+/// The machine's busy ticks and this process's plus the worker's.
+fn ticks(worker: u32) -> versus::Ticks {
+    let read = |path: String| std::fs::read_to_string(path).unwrap_or_default();
+    let pid = |p: String| versus::parse_pid_stat_ticks(&read(p)).unwrap_or(0);
+    versus::Ticks {
+        machine_busy: versus::parse_proc_stat_busy(&read("/proc/stat".into())).unwrap_or(0),
+        ours: pid("/proc/self/stat".into()) + pid(format!("/proc/{worker}/stat")),
+    }
+}
+
 fn flag(args: &[String], name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
@@ -206,6 +220,7 @@ fn main() {
         cores,
         threads,
         load_samples: vec![load()],
+        foreign_cores: Vec::new(),
     };
     let mut torch = Torch::start(&python, threads);
     let mut pairs = Vec::new();
@@ -221,6 +236,7 @@ fn main() {
             ..Pair::default()
         };
         for round in 0..rounds {
+            let (t0, before) = (Instant::now(), ticks(torch.child.id()));
             let time_candle = |pair: &mut Pair| {
                 let t = Instant::now();
                 candle();
@@ -239,6 +255,11 @@ fn main() {
                 time_candle(&mut pair);
             }
             machine.load_samples.push(load());
+            let after = ticks(torch.child.id());
+            let wall = t0.elapsed().as_secs_f64();
+            machine
+                .foreign_cores
+                .push(versus::foreign_cores(before, after, wall, USER_HZ));
         }
         eprintln!(
             "{case}: candle {:?} ms, torch {:?} ms",
@@ -249,7 +270,7 @@ fn main() {
     }
     let table = versus::table(&pairs, &machine, &torch.version);
     if machine.loaded() {
-        eprintln!("WARNING: the load average exceeded half the cores; the table is marked");
+        eprintln!("WARNING: other processes used more than half the cores; the table is marked");
     }
     println!("{table}");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");

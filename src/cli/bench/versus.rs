@@ -47,8 +47,13 @@ pub struct Machine {
     pub cpu: String,
     pub cores: usize,
     pub threads: usize,
-    /// 1-minute load averages sampled before and after every round.
+    /// 1-minute load averages sampled before the first round and after every round. They
+    /// include the bench's own threads (a 2-thread bench on 2 cores reads about 2), so they are
+    /// recorded, not judged.
     pub load_samples: Vec<f64>,
+    /// Cores kept busy by other processes during each round: the machine's busy CPU time minus
+    /// this process's and the PyTorch worker's, over the round's wall time.
+    pub foreign_cores: Vec<f64>,
 }
 
 impl Machine {
@@ -56,11 +61,62 @@ impl Machine {
         self.load_samples.iter().copied().fold(0.0, f64::max)
     }
 
-    /// Busy when the load exceeded half the cores at any sample: a figure taken then is not a
-    /// figure (OpenMP threads suffer more than rayon's, which flatters candle).
-    pub fn loaded(&self) -> bool {
-        self.max_load() > self.cores as f64 / 2.0
+    pub fn max_foreign(&self) -> f64 {
+        self.foreign_cores.iter().copied().fold(0.0, f64::max)
     }
+
+    /// Busy when other processes used more than half the cores in any round: a figure taken
+    /// then is not a figure (PyTorch's OpenMP threads suffer more than rayon's, which flatters
+    /// candle).
+    pub fn loaded(&self) -> bool {
+        self.max_foreign() > self.cores as f64 / 2.0
+    }
+}
+
+/// CPU time counters, in clock ticks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ticks {
+    /// Busy time of the whole machine (all but idle and iowait), from `/proc/stat`.
+    pub machine_busy: u64,
+    /// User + system time of the processes being measured, from `/proc/<pid>/stat`.
+    pub ours: u64,
+}
+
+/// Cores used by everything but the measured processes between two samples `wall_s` apart
+/// (`hz` ticks a second), never negative.
+pub fn foreign_cores(before: Ticks, after: Ticks, wall_s: f64, hz: f64) -> f64 {
+    let busy = after.machine_busy.saturating_sub(before.machine_busy);
+    let ours = after.ours.saturating_sub(before.ours);
+    if wall_s <= 0.0 {
+        return 0.0;
+    }
+    busy.saturating_sub(ours) as f64 / hz / wall_s
+}
+
+/// The machine's busy ticks from `/proc/stat` text (the `cpu` line: user nice system idle
+/// iowait irq softirq steal ...).
+pub fn parse_proc_stat_busy(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    if v.len() < 5 {
+        return None;
+    }
+    // guest time is already counted in user; stop at steal.
+    let total: u64 = v.iter().take(8).sum();
+    Some(total - v[3] - v[4])
+}
+
+/// utime + stime of one process from `/proc/<pid>/stat` text (the command name in parentheses
+/// may contain spaces, so fields are counted after its closing parenthesis).
+pub fn parse_pid_stat_ticks(text: &str) -> Option<u64> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state (field 3) ... utime is field 14, stime field 15.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 /// The 1-minute load average from `/proc/loadavg` text.
@@ -81,17 +137,19 @@ pub fn table(pairs: &[Pair], m: &Machine, torch_version: &str) -> String {
     let mut out = String::new();
     if m.loaded() {
         out += &format!(
-            "**LOADED MACHINE (load up to {:.2} on {} cores): these figures are not comparable.**\n\n",
-            m.max_load(),
+            "**LOADED MACHINE (other processes used up to {:.2} of {} cores): these figures are \
+             not comparable.**\n\n",
+            m.max_foreign(),
             m.cores
         );
     }
     out += &format!(
         "candle vs PyTorch {torch_version}, CPU f32, {} threads, interleaved · {} ({} cores) · \
-         load {:.2}-{:.2}\n\n",
+         other processes ≤ {:.2} cores · load average {:.2}-{:.2} (bench included)\n\n",
         m.threads,
         m.cpu,
         m.cores,
+        m.max_foreign(),
         m.load_samples.iter().copied().fold(f64::INFINITY, f64::min),
         m.max_load(),
     );
@@ -141,12 +199,36 @@ mod tests {
         assert_eq!(parse_cpu_model(info).as_deref(), Some("AMD EPYC 7B13"));
     }
 
-    fn machine(loads: &[f64]) -> Machine {
+    #[test]
+    fn foreign_time_is_what_others_used() {
+        let stat = "cpu  100 5 50 1000 20 3 2 0 0 0\ncpu0 50 2 25 500 10 1 1 0 0 0\n";
+        // 100 + 5 + 50 + 3 + 2 busy; idle 1000 and iowait 20 are not.
+        assert_eq!(parse_proc_stat_busy(stat), Some(160));
+        assert_eq!(parse_proc_stat_busy("intr 5\n"), None);
+        let pid = "4242 (cpu vs (torch)) R 1 2 3 4 5 6 7 8 9 10 300 45 0 0 20 0";
+        assert_eq!(parse_pid_stat_ticks(pid), Some(345));
+        let (a, b) = (
+            Ticks {
+                machine_busy: 1000,
+                ours: 400,
+            },
+            Ticks {
+                machine_busy: 1300,
+                ours: 600,
+            },
+        );
+        // 300 busy ticks in 1 s at 100 Hz, 200 of them ours: others used one core.
+        assert!((foreign_cores(a, b, 1.0, 100.0) - 1.0).abs() < 1e-12);
+        assert_eq!(foreign_cores(b, a, 1.0, 100.0), 0.0);
+    }
+
+    fn machine(loads: &[f64], foreign: &[f64]) -> Machine {
         Machine {
             cpu: "test cpu".into(),
             cores: 2,
             threads: 2,
             load_samples: loads.to_vec(),
+            foreign_cores: foreign.to_vec(),
         }
     }
 
@@ -158,17 +240,19 @@ mod tests {
             torch_ms: vec![100.0, 100.0, 140.0],
             target_ratio: Some(1.5),
         }];
-        let quiet = table(&pairs, &machine(&[0.4, 0.9]), "2.x");
+        // The bench's own 2 threads put the load average near 2: not a reason to mark.
+        let quiet = table(&pairs, &machine(&[0.4, 2.1], &[0.05, 0.3]), "2.x");
         assert!(!quiet.contains("LOADED"), "{quiet}");
         assert!(
             quiet.contains("| vae | 210.0 (200.0-220.0) | 100.0 (100.0-140.0) | 2.10 | ≤ 1.5 |"),
             "{quiet}"
         );
-        assert!(quiet.contains("load 0.40-0.90"), "{quiet}");
-        // One sample above half the cores is enough.
-        let busy = table(&pairs, &machine(&[0.4, 1.2]), "2.x");
+        assert!(quiet.contains("other processes ≤ 0.30 cores"), "{quiet}");
+        assert!(quiet.contains("load average 0.40-2.10"), "{quiet}");
+        // One round where others took more than half the cores is enough.
+        let busy = table(&pairs, &machine(&[0.4, 2.1], &[0.05, 1.2]), "2.x");
         assert!(
-            busy.starts_with("**LOADED MACHINE (load up to 1.20 on 2 cores)"),
+            busy.starts_with("**LOADED MACHINE (other processes used up to 1.20 of 2 cores)"),
             "{busy}"
         );
     }
