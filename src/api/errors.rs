@@ -67,12 +67,11 @@ impl ApiError {
         match self {
             ApiError::QueueFull { retry_after, .. }
             | ApiError::DownloadsFull { retry_after, .. } => Some(*retry_after),
-            ApiError::Engine { error, retry_after } => match error {
-                EngineError::NotLoaded
-                | EngineError::DeviceLost(_)
-                | EngineError::OutOfMemory(_) => Some(*retry_after),
-                _ => None,
-            },
+            ApiError::Engine {
+                error:
+                    EngineError::NotLoaded | EngineError::DeviceLost(_) | EngineError::OutOfMemory(_),
+                retry_after,
+            } => Some(*retry_after),
             _ => None,
         }
     }
