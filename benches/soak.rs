@@ -130,7 +130,7 @@ async fn start_server(client: &reqwest::Client) -> Server {
 async fn start_peer() -> String {
     let png = {
         let img =
-            image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 80]));
+            image::RgbImage::from_fn(128, 96, |x, y| image::Rgb([x as u8 * 2, y as u8 * 2, 80]));
         let mut out = Vec::new();
         image::DynamicImage::ImageRgb8(img)
             .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
