@@ -150,9 +150,14 @@ bench-flux2-cpu: ## FLUX.2 transformer forward + VAE decode on CPU: candle vs Py
 # --- service ---
 # The HTTP tests need nothing outside git: s3s-fs (a real SigV4-checking S3 server) runs inside
 # the test process, and the tiny FLUX.2 model and upscaler are committed fixtures.
-.PHONY: bench-service smoke
+.PHONY: bench-service bench-soak smoke
 bench-service: ## /health latency idle vs while the worker generates (tiny model, CPU)
 	$(CARGO) test --bench service_health -- --bench
+
+SOAK_SECS ?= 600
+SOAK_CLIENTS ?= 8
+bench-soak: ## mixed requests against `imagegen serve` (tiny model, CPU) for SOAK_SECS: RSS, fds, threads start/end, latency percentiles
+	$(CARGO) bench --profile dev --bench soak -- --bench --secs $(SOAK_SECS) --clients $(SOAK_CLIENTS)
 
 smoke: ## start the server on CPU with the tiny random-weight test model (images are noise)
 	MODEL_ID=tests/fixtures/flux2/tiny-model DEVICE=cpu $(CARGO) run --release -- serve

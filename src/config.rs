@@ -50,16 +50,23 @@ pub struct ServeArgs {
     #[arg(long, env = "QUEUE_SIZE", default_value_t = crate::limits::DEFAULT_QUEUE_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_size: u32,
 
-    /// Seconds suggested to clients in `Retry-After` when the queue is full.
-    #[arg(long, env = "RETRY_AFTER_SECS", default_value_t = 10)]
+    /// Requests that may download their input images at once (before taking a queue place);
+    /// more get 503 with Retry-After.
+    #[arg(long, env = "MAX_CONCURRENT_DOWNLOADS", default_value_t = crate::limits::DEFAULT_MAX_CONCURRENT_DOWNLOADS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_downloads: u32,
+
+    /// Seconds suggested to clients in `Retry-After` on a 503 (queue or download stage full,
+    /// model not loaded, device lost).
+    #[arg(long, env = "RETRY_AFTER_SECS", default_value_t = crate::limits::DEFAULT_RETRY_AFTER_SECS)]
     pub retry_after_secs: u64,
 
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
-    /// Timeout of each download (reference images, /upscale input), in seconds.
-    #[arg(long, env = "DOWNLOAD_TIMEOUT_SECS", default_value_t = 60)]
+    /// Total time one download (reference image, /upscale input) may take, in seconds: one
+    /// deadline across every redirect hop and the body.
+    #[arg(long, env = "DOWNLOAD_TIMEOUT_SECS", default_value_t = crate::limits::DEFAULT_DOWNLOAD_TIMEOUT_SECS)]
     pub download_timeout_secs: u64,
 
     /// Largest downloaded file, in bytes.
@@ -81,8 +88,12 @@ pub struct ServeArgs {
     pub allow_private_urls: bool,
 
     /// Timeout of each upload attempt, in seconds.
-    #[arg(long, env = "UPLOAD_TIMEOUT_SECS", default_value_t = 120)]
+    #[arg(long, env = "UPLOAD_TIMEOUT_SECS", default_value_t = crate::limits::DEFAULT_UPLOAD_TIMEOUT_SECS)]
     pub upload_timeout_secs: u64,
+
+    /// Total time one upload may take over all its attempts and backoff waits, in seconds.
+    #[arg(long, env = "UPLOAD_DEADLINE_SECS", default_value_t = crate::limits::DEFAULT_UPLOAD_DEADLINE_SECS)]
+    pub upload_deadline_secs: u64,
 
     /// Retries of an upload after a connection error or a 5xx answer (never after a 4xx).
     #[arg(long, env = "UPLOAD_RETRIES", default_value_t = 3)]
@@ -100,6 +111,11 @@ pub struct ServeArgs {
     /// load balancer notice before the listener closes); new jobs get 503 meanwhile.
     #[arg(long, env = "SHUTDOWN_DRAIN_DELAY_SECS", default_value_t = 0)]
     pub shutdown_drain_delay_secs: u64,
+
+    /// Free GPU memory the CUDA pool may keep cached between jobs, in MiB; after every job (a
+    /// /generate batch, an /upscale) the rest goes back to the driver.
+    #[arg(long, env = "GPU_POOL_KEEP_MIB", default_value_t = crate::limits::DEFAULT_GPU_POOL_KEEP_MIB)]
+    pub gpu_pool_keep_mib: u64,
 
     /// Real-ESRGAN weights cache folder (default `~/.cache/realesrgan`).
     #[arg(long, env = "UPSCALER_WEIGHTS_DIR")]
@@ -230,6 +246,10 @@ impl ServeArgs {
         Duration::from_secs(self.upload_timeout_secs)
     }
 
+    pub fn upload_deadline(&self) -> Duration {
+        Duration::from_secs(self.upload_deadline_secs)
+    }
+
     /// What access control needs of the configuration.
     pub fn auth_config(&self) -> crate::api::auth::AuthConfig {
         crate::api::auth::AuthConfig {
@@ -328,10 +348,27 @@ mod tests {
     }
 
     #[test]
-    fn model_shortcuts_expand_exactly() {
-        let a = ServeArgs::try_parse_from(["--model-id", "9B"]).unwrap();
-        assert_eq!(a.resolved_model_id(), "black-forest-labs/FLUX.2-klein-9B");
-        let a = ServeArgs::try_parse_from(["--model-id", "9b"]).unwrap();
-        assert_eq!(a.resolved_model_id(), "9b");
+    fn every_spelling_of_a_klein_model_id_normalises_to_one_that_the_loader_agrees_with() {
+        use crate::flux2::weights::{ModelSource, REPO_4B, REPO_9B, resolve_model_id};
+        let cases = [
+            ("4B", REPO_4B),
+            ("4b", REPO_4B),
+            (" 4B ", REPO_4B),
+            ("black-forest-labs/flux.2-klein-4b", REPO_4B),
+            ("9b", REPO_9B),
+            ("BLACK-FOREST-LABS/FLUX.2-KLEIN-9B", REPO_9B),
+            ("someone/other-model", "someone/other-model"),
+        ];
+        for (given, want) in cases {
+            let a = ServeArgs::try_parse_from(["--model-id", given]).unwrap();
+            let shown = a.resolved_model_id();
+            assert_eq!(shown, want, "{given:?}");
+            // What config, logs and /health show is exactly what the loader opens.
+            assert_eq!(
+                resolve_model_id(given).unwrap(),
+                ModelSource::Hub(shown),
+                "{given:?}"
+            );
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Device and dtype selection shared by every model.
 
 pub mod choice;
+pub mod fault;
 
 use candle_core::{DType, Device};
 
@@ -81,8 +82,11 @@ pub mod cuda {
         /// The pool's default release threshold is 0: at every synchronisation it hands all
         /// freed memory back to the driver, and the next step's hundreds of temporaries must
         /// map it again. Keeping it makes reuse a pool hit, as PyTorch's caching allocator
-        /// does. The worker owns the GPU, so nobody else needs that memory back; "used"
-        /// figures (bench peaks) are unaffected, only "reserved" grows to the high-water mark.
+        /// does. Within a job nobody else needs that memory back; "used" figures (bench
+        /// peaks) are unaffected, only "reserved" grows to the job's high-water mark. Between
+        /// jobs the server trims the pool to `GPU_POOL_KEEP_MIB` ([`MemPool::trim_to`], called
+        /// through `engine::DeviceMemory`), so a large request or an upscale does not keep
+        /// its peak reserved afterwards.
         pub fn retain_freed_memory(&self) -> anyhow::Result<()> {
             self.set(
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
@@ -109,6 +113,23 @@ pub mod cuda {
                 sys::cuMemPoolGetAttribute(self.pool, attr, &mut v as *mut u64 as *mut _)
             };
             (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
+        }
+
+        /// Hands the pool's unused memory back to the driver, keeping at most `keep` bytes
+        /// reserved (memory in use is never released).
+        pub fn trim_to(&self, keep: u64) -> anyhow::Result<()> {
+            self.ctx.bind_to_thread()?;
+            let r = unsafe { sys::cuMemPoolTrimTo(self.pool, keep as usize) };
+            anyhow::ensure!(
+                r == sys::CUresult::CUDA_SUCCESS,
+                "cuMemPoolTrimTo failed: {r:?}"
+            );
+            Ok(())
+        }
+
+        /// Bytes the pool holds from the driver now (in use or cached).
+        pub fn reserved_now(&self) -> Option<u64> {
+            self.get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)
         }
 
         /// Starts a new peak window at the current usage.
@@ -155,23 +176,57 @@ pub struct GpuInfo {
     pub memory_used_gb: Option<f64>,
 }
 
-/// Asks `nvidia-smi` about GPU 0. `None` when it is missing or fails (CPU machines).
+/// Asks `nvidia-smi` about the GPU this process computes on: CUDA ordinal 0, which is the
+/// first entry of `CUDA_VISIBLE_DEVICES` when that is set (nvidia-smi itself ignores the
+/// variable and numbers every GPU of the machine). `None` when it is missing or fails (CPU
+/// machines) or no listed GPU matches.
 ///
-/// nvidia-smi is used instead of NVML bindings to keep the build free of GPU libraries; it is
-/// called on a timer, never per request.
+/// nvidia-smi is used instead of NVML bindings to keep the build free of GPU libraries (NVML
+/// would be one more library to load, for a figure sampled every 10 s); it is called on a timer,
+/// never per request.
 pub fn query_nvidia_smi() -> Option<(String, f64, f64)> {
     let out = std::process::Command::new("nvidia-smi")
         .args([
-            "--query-gpu=name,memory.total,memory.used",
+            "--query-gpu=index,uuid,name,memory.total,memory.used",
             "--format=csv,noheader,nounits",
-            "--id=0",
         ])
         .output()
         .ok()?;
     if !out.status.success() {
         return None;
     }
-    parse_nvidia_smi(&String::from_utf8_lossy(&out.stdout))
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    select_gpu(&String::from_utf8_lossy(&out.stdout), visible.as_deref())
+}
+
+/// Which GPU of nvidia-smi's list CUDA ordinal 0 is, by `CUDA_VISIBLE_DEVICES`: unset → the
+/// first; a number → the GPU with that index (as CUDA numbers them with
+/// `CUDA_DEVICE_ORDER=PCI_BUS_ID`, nvidia-smi's order); `GPU-...` → the GPU whose UUID starts
+/// with it (CUDA accepts UUID prefixes); empty, `-1` or no match → none (CUDA sees no device).
+/// `csv` is `index, uuid, name, total MiB, used MiB` per line.
+pub fn select_gpu(csv: &str, visible: Option<&str>) -> Option<(String, f64, f64)> {
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .map(|l| l.split(',').map(str::trim).collect::<Vec<_>>())
+        .filter(|r| r.len() == 5)
+        .collect();
+    let row = match visible {
+        None => rows.first(),
+        Some(list) => {
+            // CUDA stops at the first invalid entry, so only the first one can be ordinal 0.
+            let first = list.split(',').next().unwrap_or("").trim();
+            if first.is_empty() {
+                None
+            } else if first.chars().all(|c| c.is_ascii_digit()) {
+                rows.iter().find(|r| r[0] == first)
+            } else if first.starts_with("GPU-") || first.starts_with("MIG-") {
+                rows.iter().find(|r| r[1].starts_with(first))
+            } else {
+                None
+            }
+        }
+    }?;
+    parse_nvidia_smi(&row[2..].join(", "))
 }
 
 /// Parses `name, total_mib, used_mib` into (name, total GiB, used GiB), rounded to 2 decimals.
@@ -195,5 +250,33 @@ mod tests {
         assert_eq!(total, 79.65);
         assert_eq!(used, 1.0);
         assert_eq!(parse_nvidia_smi("garbage"), None);
+    }
+
+    const FOUR_GPUS: &str = "0, GPU-aaaa1111, NVIDIA A10, 23028, 100\n\
+                             1, GPU-bbbb2222, NVIDIA L4, 23034, 200\n\
+                             2, GPU-cccc3333, NVIDIA H100 80GB HBM3, 81559, 1024\n\
+                             3, GPU-dddd4444, NVIDIA A100-SXM4-40GB, 40960, 400\n";
+
+    #[test]
+    fn the_gpu_reported_is_the_one_cuda_visible_devices_makes_ordinal_zero() {
+        let name = |v: Option<&str>| select_gpu(FOUR_GPUS, v).map(|g| g.0);
+        assert_eq!(name(None).as_deref(), Some("NVIDIA A10"));
+        assert_eq!(name(Some("2")).as_deref(), Some("NVIDIA H100 80GB HBM3"));
+        assert_eq!(name(Some("3,0")).as_deref(), Some("NVIDIA A100-SXM4-40GB"));
+        assert_eq!(name(Some(" 1 ")).as_deref(), Some("NVIDIA L4"));
+        assert_eq!(
+            name(Some("GPU-cccc")).as_deref(),
+            Some("NVIDIA H100 80GB HBM3")
+        );
+        assert_eq!(
+            name(Some("GPU-dddd4444,1")).as_deref(),
+            Some("NVIDIA A100-SXM4-40GB")
+        );
+        // Values of the selected GPU, not of GPU 0.
+        assert_eq!(select_gpu(FOUR_GPUS, Some("2")).unwrap().1, 79.65);
+        // CUDA sees no device: nothing to report (not GPU 0's figures).
+        for none in ["", "-1", "7", "GPU-ffff", "nonsense"] {
+            assert_eq!(name(Some(none)), None, "{none:?}");
+        }
     }
 }

@@ -43,6 +43,26 @@ pub const MAX_PIPELINE_SIDE: u32 = 4096;
 /// Requests that may wait for the GPU worker before new ones get 503 (`QUEUE_SIZE`).
 pub const DEFAULT_QUEUE_SIZE: u32 = 8;
 
+/// Requests that may fetch their input images (references, /upscale input) at once, before
+/// they take a queue place (`MAX_CONCURRENT_DOWNLOADS`); more get 503 with Retry-After.
+pub const DEFAULT_MAX_CONCURRENT_DOWNLOADS: u32 = 32;
+
+/// Seconds suggested in `Retry-After` on a 503 (`RETRY_AFTER_SECS`).
+pub const DEFAULT_RETRY_AFTER_SECS: u64 = 10;
+
+/// Total seconds one download (reference image, /upscale input) may take, redirects included
+/// (`DOWNLOAD_TIMEOUT_SECS`).
+pub const DEFAULT_DOWNLOAD_TIMEOUT_SECS: u64 = 60;
+
+/// Seconds each upload attempt may take (`UPLOAD_TIMEOUT_SECS`), and the total one upload may
+/// take over all its attempts and backoff waits (`UPLOAD_DEADLINE_SECS`).
+pub const DEFAULT_UPLOAD_TIMEOUT_SECS: u64 = 120;
+pub const DEFAULT_UPLOAD_DEADLINE_SECS: u64 = 300;
+
+/// Free device memory the CUDA pool may keep cached between jobs, in MiB
+/// (`GPU_POOL_KEEP_MIB`); the rest goes back to the driver after every job.
+pub const DEFAULT_GPU_POOL_KEEP_MIB: u64 = 2048;
+
 // The bounds agree with each other, checked when the crate compiles.
 const _: () = {
     assert!(MIN_SIZE <= DEFAULT_SIZE && DEFAULT_SIZE <= MAX_SIZE);
@@ -54,4 +74,6 @@ const _: () = {
     // The last item of a full batch uses seed + MAX_PROMPTS - 1.
     assert!(MAX_SEED.checked_add(MAX_PROMPTS as u64 - 1).is_some());
     assert!(MAX_SEED.checked_add(MAX_PROMPTS as u64).is_none());
+    // One attempt fits inside the whole upload's deadline.
+    assert!(DEFAULT_UPLOAD_TIMEOUT_SECS <= DEFAULT_UPLOAD_DEADLINE_SECS);
 };

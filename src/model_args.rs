@@ -90,13 +90,10 @@ impl ModelArgs {
             .cloned()
     }
 
-    /// `4B` and `9B` expand to the full repo ids (exact, case-sensitive, as in the original).
+    /// The model id in its one spelling ([`crate::flux2::weights::canonical_model_id`]): what
+    /// the loader opens, the logs print and /health reports.
     pub fn resolved_model_id(&self) -> String {
-        match self.model_id.as_str() {
-            "4B" => "black-forest-labs/FLUX.2-klein-4B".to_string(),
-            "9B" => "black-forest-labs/FLUX.2-klein-9B".to_string(),
-            other => other.to_string(),
-        }
+        crate::flux2::weights::canonical_model_id(&self.model_id)
     }
 
     /// `TEXT_ENCODER_QUANTIZATION`, else `QUANTIZATION`: whoever picks fp8 to fit a smaller

@@ -71,6 +71,11 @@ const HELP: &[(&str, &str, &str)] = &[
         "Requests refused with 503 because the job queue was full.",
     ),
     (
+        "imagegen_download_rejections_total",
+        "counter",
+        "Requests refused with 503 because the download stage (MAX_CONCURRENT_DOWNLOADS) was full.",
+    ),
+    (
         "imagegen_requests_by_key_total",
         "counter",
         "Admitted requests to protected routes by API key id (a short hash, never the key) and route.",

@@ -35,8 +35,12 @@ fn small_vae_config() -> AutoencoderKLFlux2Config {
     .unwrap()
 }
 
+/// The heap meter is process-wide: tests that read it take this lock, so they run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn lean_vae_peaks_are_bounded_and_outputs_match() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let cfg = small_vae_config();
     let dev = Device::Cpu;
     let weights = support::plain_tensors(DType::F32, &Device::Cpu, |vb| {
@@ -128,4 +132,120 @@ fn lean_vae_peaks_are_bounded_and_outputs_match() {
         (enc_lean as f64) < 0.7 * enc_plain as f64,
         "lean encoder peak {enc_lean} is not well below plain {enc_plain}"
     );
+}
+
+mod hostile_images {
+    //! Random, truncated and hostile image bytes through the service's decoder: never a panic,
+    //! and the heap stays within a bound set by the pixel limit, whatever the header claims.
+
+    use std::io::Cursor;
+
+    use imagegen::io::decode_rgb;
+    use proptest::prelude::*;
+
+    use super::{SERIAL, peak_above_live};
+
+    /// The pixel limit of these cases (the service's default is 4096²; small here so the bound
+    /// is tight).
+    const MAX_PIXELS: u64 = 256 * 256;
+
+    fn encoded(w: u32, h: u32, seed: u8, format: u8) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([x as u8 ^ seed, y as u8, seed.wrapping_mul(3)])
+        });
+        let mut out = Vec::new();
+        let fmt = match format % 3 {
+            0 => image::ImageFormat::Png,
+            1 => image::ImageFormat::Jpeg,
+            _ => image::ImageFormat::WebP,
+        };
+        image::DynamicImage::ImageRgb8(img)
+            .write_to(&mut Cursor::new(&mut out), fmt)
+            .unwrap();
+        out
+    }
+
+    /// Writes a huge width and height where each format keeps them (PNG IHDR, JPEG SOF0, the
+    /// WebP VP8L/VP8 frame header): a small file that claims a big image.
+    fn claim_huge(bytes: &mut [u8], w: u16, h: u16) {
+        if bytes.starts_with(b"\x89PNG") && bytes.len() >= 24 {
+            bytes[16..20].copy_from_slice(&(w as u32 * 7).to_be_bytes());
+            bytes[20..24].copy_from_slice(&(h as u32 * 7).to_be_bytes());
+        } else if bytes.starts_with(&[0xff, 0xd8]) {
+            if let Some(i) = bytes.windows(2).position(|p| p == [0xff, 0xc0])
+                && bytes.len() >= i + 9
+            {
+                bytes[i + 5..i + 7].copy_from_slice(&h.to_be_bytes());
+                bytes[i + 7..i + 9].copy_from_slice(&w.to_be_bytes());
+            }
+        } else if bytes.len() >= 30 {
+            // VP8 key frame: 14-bit width and height at 26..30.
+            bytes[26..28].copy_from_slice(&(w & 0x3fff).to_le_bytes());
+            bytes[28..30].copy_from_slice(&(h & 0x3fff).to_le_bytes());
+        }
+    }
+
+    fn hostile() -> impl Strategy<Value = Vec<u8>> {
+        let valid = (1u32..96, 1u32..96, any::<u8>(), any::<u8>())
+            .prop_map(|(w, h, seed, f)| encoded(w, h, seed, f));
+        prop_oneof![
+            // Random bytes behind each format's magic.
+            (
+                prop::sample::select(vec![
+                    b"\x89PNG\r\n\x1a\n".to_vec(),
+                    vec![0xff, 0xd8, 0xff, 0xe0],
+                    b"RIFF\x00\x01\x00\x00WEBPVP8 ".to_vec(),
+                    b"GIF89a".to_vec(),
+                ]),
+                prop::collection::vec(any::<u8>(), 0..4096)
+            )
+                .prop_map(|(mut magic, rest)| {
+                    magic.extend(rest);
+                    magic
+                }),
+            // Valid images cut short.
+            (valid.clone(), any::<prop::sample::Index>()).prop_map(|(b, at)| {
+                let n = at.index(b.len());
+                b[..n].to_vec()
+            }),
+            // Valid images with bytes flipped.
+            (
+                valid.clone(),
+                prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)
+            )
+                .prop_map(|(mut b, flips)| {
+                    for (at, v) in flips {
+                        let i = at.index(b.len());
+                        b[i] = v;
+                    }
+                    b
+                }),
+            // Valid small files claiming huge dimensions.
+            (valid, 1u16..u16::MAX, 1u16..u16::MAX).prop_map(|(mut b, w, h)| {
+                claim_huge(&mut b, w, h);
+                b
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(600))]
+
+        #[test]
+        fn hostile_bytes_never_panic_and_stay_within_the_memory_bound(bytes in hostile()) {
+            let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+            let len = bytes.len();
+            let (result, peak) = peak_above_live(|| {
+                std::panic::catch_unwind(|| decode_rgb(&bytes, MAX_PIXELS))
+            });
+            let decoded = result.map_err(|_| TestCaseError::fail("decode_rgb panicked"))?;
+            // The decoder's own allocation cap (8 bytes per allowed pixel, at least 64 MiB),
+            // plus the image it returns and a few copies of the input.
+            let bound = (MAX_PIXELS * 8).max(64 << 20) as usize + 3 * MAX_PIXELS as usize + 4 * len;
+            prop_assert!(peak <= bound, "{len} input bytes peaked at {peak} heap bytes (bound {bound})");
+            if let Ok(img) = decoded {
+                prop_assert!(img.width() as u64 * img.height() as u64 <= MAX_PIXELS);
+            }
+        }
+    }
 }

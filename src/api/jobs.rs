@@ -18,7 +18,7 @@ use super::schemas::{
     UpscaleResponse,
 };
 use crate::engine::{
-    Admission, CancelFlag, GenerateJob, GeneratedItem, ItemParams, JobKind, UpscaleJob,
+    CancelFlag, EngineError, GenerateJob, GeneratedItem, ItemParams, JobKind, UpscaleJob,
 };
 use crate::io::{self, OutputFormat, ssrf::redact};
 
@@ -147,16 +147,25 @@ async fn encode_and_upload(
 }
 
 /// Batch generation: item i uses seed + i; each item fails or succeeds on its own.
+///
+/// Order: refuse early what cannot run (draining, no model, device lost), fetch references in
+/// the download stage, then take a queue place: a request waiting on slow URLs never holds one.
 pub async fn generate(
     app: Arc<AppState>,
     req: GenerateRequest,
-    admission: Admission,
 ) -> Result<GenerateResponse, ApiError> {
     let started = Instant::now();
     let n = req.prompts.len();
     tracing::info!("GENERATE: {n} images, {} refs", req.images.len());
+    app.check_generate()?;
 
-    let references = match fetch_references(&app, &req.images).await {
+    let fetched = if req.images.is_empty() {
+        Ok(Vec::new())
+    } else {
+        let _place = app.enter_downloads()?;
+        fetch_references(&app, &req.images).await
+    };
+    let references = match fetched {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "reference download failed; failing every item");
@@ -173,6 +182,7 @@ pub async fn generate(
         }
     };
 
+    let admission = app.admit_generate()?;
     let base_seed = req.seed.unwrap_or_else(random_seed);
     let items: Vec<ItemParams> = req
         .prompts
@@ -190,22 +200,34 @@ pub async fn generate(
     let cancel = CancelFlag::default();
     let cancel_guard = cancel.on_drop();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    app.engine.submit(
-        admission,
-        JobKind::Generate(GenerateJob {
-            items,
-            references,
-            upscale: req.upscale,
-            cancel,
-            events: tx,
-        }),
-    )?;
+    app.engine
+        .submit(
+            admission,
+            JobKind::Generate(GenerateJob {
+                items,
+                references,
+                upscale: req.upscale,
+                cancel,
+                events: tx,
+            }),
+        )
+        .map_err(|e| app.engine_error(e))?;
 
     // Uploads run while the worker generates the next items; dropping the JoinSet (client
     // gone) aborts them.
     let mut results: Vec<Option<GenerateResult>> = vec![None; n];
     let mut uploads = JoinSet::new();
+    // Set while every item so far failed with the same server-side error (not loaded, device
+    // lost): then the request answers with that error's status instead of 200.
+    let mut server_side: Option<EngineError> = None;
+    let mut seen = 0;
     while let Some(out) = rx.recv().await {
+        seen += 1;
+        server_side = match (&out.result, seen) {
+            (Err(e), 1) if e.is_server_side() => Some(e.clone()),
+            (Err(e), _) if server_side.as_ref() == Some(e) => server_side,
+            _ => None,
+        };
         let i = out.index;
         match out.result {
             Ok(item) => {
@@ -238,6 +260,10 @@ pub async fn generate(
         }
     }
     cancel_guard.disarm();
+    if let Some(e) = server_side.filter(|_| seen == n) {
+        tracing::error!(error = %e, "every item failed on the server side");
+        return Err(app.engine_error(e));
+    }
     let results: Vec<GenerateResult> = results
         .into_iter()
         .enumerate()
@@ -256,14 +282,12 @@ pub async fn generate(
     })
 }
 
-/// Real-ESRGAN upscaling of one image.
-pub async fn upscale(
-    app: Arc<AppState>,
-    req: UpscaleRequest,
-    admission: Admission,
-) -> Result<UpscaleResponse, ApiError> {
+/// Real-ESRGAN upscaling of one image: the input is fetched in the download stage, then the
+/// job takes a queue place.
+pub async fn upscale(app: Arc<AppState>, req: UpscaleRequest) -> Result<UpscaleResponse, ApiError> {
     let started = Instant::now();
     tracing::info!("UPSCALE: {}x", req.scale);
+    app.check_upscale()?;
     let failed = |app: &AppState, kind: &str, e: String| {
         app.metrics.item("upscale", kind);
         tracing::error!(error = %e, "Upscale failed");
@@ -271,25 +295,31 @@ pub async fn upscale(
     };
 
     let t = Instant::now();
-    let image = match fetch_image(&app, &req.image_url).await {
+    let place = app.enter_downloads()?;
+    let fetched = fetch_image(&app, &req.image_url).await;
+    drop(place);
+    let image = match fetched {
         Ok(image) => image,
         Err(e) => return failed(&app, "download", e),
     };
     let download_ms = ms(t);
+    let admission = app.admit_upscale()?;
     let (input_width, input_height) = image.dimensions();
 
     let cancel = CancelFlag::default();
     let cancel_guard = cancel.on_drop();
     let (tx, rx) = oneshot::channel();
-    app.engine.submit(
-        admission,
-        JobKind::Upscale(UpscaleJob {
-            image,
-            scale: req.scale,
-            cancel,
-            reply: tx,
-        }),
-    )?;
+    app.engine
+        .submit(
+            admission,
+            JobKind::Upscale(UpscaleJob {
+                image,
+                scale: req.scale,
+                cancel,
+                reply: tx,
+            }),
+        )
+        .map_err(|e| app.engine_error(e))?;
     let up = match rx.await {
         Ok(Ok(up)) => up,
         Ok(Err(e)) => return failed(&app, e.kind(), e.to_string()),

@@ -7,6 +7,7 @@ mod jobs;
 pub mod openapi;
 mod routes;
 pub mod schemas;
+mod stage;
 pub mod validation;
 
 use std::future::Future;
@@ -29,7 +30,10 @@ pub use errors::ApiError;
 use crate::config::ServeArgs;
 use crate::device::GpuInfo;
 use crate::device::choice::{self as device_choice, DeviceDecision, SystemProbe};
-use crate::engine::{Admission, BackendLoader, Engine, ImageBackend, ModelStatus, UpscaleBackend};
+use crate::engine::{
+    Admission, BackendLoader, DeviceMemory, Engine, EngineError, ImageBackend, ModelStatus,
+    UpscaleBackend,
+};
 use crate::flux2::Quantization;
 use crate::io::{FetchConfig, Fetcher, UploadConfig, Uploader, UrlPolicy};
 use crate::model_args::dtype_name;
@@ -60,27 +64,62 @@ pub struct AppState {
     pub downloads: Arc<crate::flux2::weights::DownloadProgress>,
     /// What the operator must know about this process (a GPU the binary cannot use).
     pub warnings: Vec<String>,
+    /// Requests fetching their input images, before they take a queue place.
+    pub download_stage: stage::DownloadStage,
 }
 
 impl AppState {
     /// A `/generate` queue place: refused while draining or without a loaded model.
     fn admit_generate(&self) -> Result<Admission, ApiError> {
-        let state = self.engine.state();
-        if state.draining() {
-            return Err(ApiError::Draining);
-        }
-        if state.model_status() != ModelStatus::Loaded {
-            return Err(ApiError::ModelNotLoaded);
-        }
+        self.check_generate()?;
         self.admit()
+    }
+
+    /// Whether `/generate` can take work now (draining, device lost, model not loaded).
+    fn check_generate(&self) -> Result<(), ApiError> {
+        self.check_upscale()?;
+        if self.engine.state().model_status() != ModelStatus::Loaded {
+            return Err(self.engine_error(EngineError::NotLoaded));
+        }
+        Ok(())
     }
 
     /// An `/upscale` queue place (the upscaler loads on demand, so no model is needed).
     fn admit_upscale(&self) -> Result<Admission, ApiError> {
-        if self.engine.state().draining() {
+        self.check_upscale()?;
+        self.admit()
+    }
+
+    /// Whether `/upscale` can take work now (draining, device lost).
+    fn check_upscale(&self) -> Result<(), ApiError> {
+        let state = self.engine.state();
+        if state.draining() {
             return Err(ApiError::Draining);
         }
-        self.admit()
+        if let Some(why) = state.device_lost() {
+            return Err(self.engine_error(EngineError::DeviceLost(why)));
+        }
+        Ok(())
+    }
+
+    /// An engine error as the API answers it (with this server's `Retry-After`).
+    fn engine_error(&self, error: EngineError) -> ApiError {
+        ApiError::Engine {
+            error,
+            retry_after: self.retry_after_secs,
+        }
+    }
+
+    /// A download-stage place, or the 503 that says the stage is full.
+    fn enter_downloads(&self) -> Result<stage::DownloadPlace, ApiError> {
+        self.download_stage.enter().map_err(|full| {
+            self.metrics
+                .inc("imagegen_download_rejections_total", String::new(), 1);
+            ApiError::DownloadsFull {
+                full,
+                retry_after: self.retry_after_secs,
+            }
+        })
     }
 
     /// A queue place, or the 503 that says the queue is full.
@@ -183,7 +222,17 @@ pub async fn serve_on(
         .with_context(|| format!("cannot open device '{:?}' (DEVICE)", args.model.device))?;
     let loader = crate::engine::models::flux_loader(&args, &device);
     let upscaler = crate::engine::models::upscaler(&args, &device);
-    run(listener, args, device.is_cuda(), loader, upscaler, shutdown).await
+    let memory = crate::engine::models::device_memory(&args, &device);
+    run_with_memory(
+        listener,
+        args,
+        device.is_cuda(),
+        loader,
+        upscaler,
+        memory,
+        shutdown,
+    )
+    .await
 }
 
 /// The server with any backend (tests use this with their own).
@@ -193,6 +242,20 @@ pub async fn run<B: ImageBackend, U: UpscaleBackend>(
     on_gpu: bool,
     loader: Option<BackendLoader<B>>,
     upscaler: U,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let memory = crate::engine::NoDeviceMemory;
+    run_with_memory(listener, args, on_gpu, loader, upscaler, memory, shutdown).await
+}
+
+/// [`run`] with what the worker does with device memory after each job.
+pub async fn run_with_memory<B: ImageBackend, U: UpscaleBackend, M: DeviceMemory>(
+    listener: TcpListener,
+    args: ServeArgs,
+    on_gpu: bool,
+    loader: Option<BackendLoader<B>>,
+    upscaler: U,
+    memory: M,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let mut warnings = Vec::new();
@@ -244,7 +307,13 @@ pub async fn run<B: ImageBackend, U: UpscaleBackend>(
     }
     auth.watch(Duration::from_secs(args.api_keys_poll_secs));
     let loader = if args.preload_models { loader } else { None };
-    let engine = Engine::start(args.queue_size as usize, loader, upscaler, metrics.clone())?;
+    let engine = Engine::start_with_memory(
+        args.queue_size as usize,
+        loader,
+        upscaler,
+        memory,
+        metrics.clone(),
+    )?;
     let state = Arc::new(AppState {
         engine: engine.clone(),
         fetcher: Fetcher::new(FetchConfig {
@@ -255,6 +324,7 @@ pub async fn run<B: ImageBackend, U: UpscaleBackend>(
         })?,
         uploader: Uploader::new(UploadConfig {
             timeout: args.upload_timeout(),
+            deadline: args.upload_deadline(),
             retries: args.upload_retries,
             retry_base: Duration::from_millis(args.upload_retry_base_ms),
             policy,
@@ -275,6 +345,7 @@ pub async fn run<B: ImageBackend, U: UpscaleBackend>(
         protect_docs: args.protect_docs,
         downloads: crate::flux2::weights::DownloadProgress::global(),
         warnings,
+        download_stage: stage::DownloadStage::new(args.max_concurrent_downloads as usize),
     });
     if on_gpu {
         tokio::spawn(sample_gpu(Arc::downgrade(&state)));

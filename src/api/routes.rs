@@ -1,6 +1,6 @@
-//! The handlers: small by design. Each extracts a validated body, takes a queue place and calls
-//! `jobs`, which does the network I/O and hands the model work to the GPU worker; every error
-//! goes out through [`ApiError`].
+//! The handlers: small by design. Each extracts a validated body and calls `jobs`, which takes
+//! a download-stage place, fetches the inputs, takes a queue place and hands the model work to
+//! the GPU worker; every error goes out through [`ApiError`].
 
 use std::sync::Arc;
 
@@ -58,6 +58,7 @@ pub async fn health(State(app): State<Arc<AppState>>) -> Json<HealthResponse> {
         gpu_memory_gb: gpu.memory_gb,
         gpu_memory_used_gb: gpu.memory_used_gb,
         model_id: app.model_id.clone(),
+        model_revision: state.model_revision(),
         quantization: app.quantization.to_string(),
         text_encoder_quantization: app.text_encoder_quantization.to_string(),
         dtype: crate::model_args::dtype_name(app.dtype),
@@ -117,6 +118,16 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
             state.queue_capacity() as f64,
         ),
         (
+            "imagegen_download_stage_depth",
+            "Requests fetching their input images (before a queue place).",
+            app.download_stage.in_flight() as f64,
+        ),
+        (
+            "imagegen_download_stage_capacity",
+            "Most requests that may fetch input images at once.",
+            app.download_stage.capacity() as f64,
+        ),
+        (
             "imagegen_worker_busy",
             "1 while the GPU worker runs a job.",
             state.busy() as u8 as f64,
@@ -151,15 +162,14 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         (status = 401, description = "Missing or wrong API key (when keys are configured); WWW-Authenticate: Bearer", body = ErrorBody),
         (status = 429, description = "Per-key rate limit (RATE_LIMIT_PER_KEY) exceeded; Retry-After", body = ErrorBody),
         (status = 422, description = "Invalid body", body = ValidationErrorBody),
-        (status = 503, description = "Model not loaded, or queue full (Retry-After)", body = ErrorBody),
+        (status = 503, description = "Model not loaded, device lost, download stage or queue full (all with Retry-After)", body = ErrorBody),
     )
 )]
 pub async fn generate(
     State(app): State<Arc<AppState>>,
     Validated(req): Validated<GenerateRequest>,
 ) -> Result<Json<GenerateResponse>, ApiError> {
-    let admission = app.admit_generate()?;
-    Ok(Json(jobs::generate(app, req, admission).await?))
+    Ok(Json(jobs::generate(app, req).await?))
 }
 
 /// Real-ESRGAN upscaling of one image; works without the FLUX model.
@@ -172,13 +182,12 @@ pub async fn generate(
         (status = 401, description = "Missing or wrong API key (when keys are configured); WWW-Authenticate: Bearer", body = ErrorBody),
         (status = 429, description = "Per-key rate limit (RATE_LIMIT_PER_KEY) exceeded; Retry-After", body = ErrorBody),
         (status = 422, description = "Invalid body", body = ValidationErrorBody),
-        (status = 503, description = "Queue full (Retry-After)", body = ErrorBody),
+        (status = 503, description = "Device lost, download stage or queue full (Retry-After)", body = ErrorBody),
     )
 )]
 pub async fn upscale(
     State(app): State<Arc<AppState>>,
     Validated(req): Validated<UpscaleRequest>,
 ) -> Result<Json<UpscaleResponse>, ApiError> {
-    let admission = app.admit_upscale()?;
-    Ok(Json(jobs::upscale(app, req, admission).await?))
+    Ok(Json(jobs::upscale(app, req).await?))
 }

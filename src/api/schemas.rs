@@ -143,6 +143,9 @@ pub struct HealthResponse {
     /// PyTorch-allocated memory as in the original).
     pub gpu_memory_used_gb: Option<f64>,
     pub model_id: String,
+    /// The hub commit every model file was read at (null for a local directory, or before the
+    /// model has loaded).
+    pub model_revision: Option<String>,
     /// Transformer weight storage (`QUANTIZATION`).
     pub quantization: String,
     /// Text encoder projection storage (`TEXT_ENCODER_QUANTIZATION`, else `QUANTIZATION`).

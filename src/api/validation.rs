@@ -538,6 +538,9 @@ pub fn parse_upscale(body: &[u8]) -> Result<UpscaleRequest, Vec<ValidationDetail
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

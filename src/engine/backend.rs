@@ -3,6 +3,8 @@
 
 use image::RgbImage;
 
+use crate::device::fault::DeviceFault;
+
 /// One image to generate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ItemParams {
@@ -14,7 +16,9 @@ pub struct ItemParams {
     pub guidance_scale: f32,
 }
 
-/// A failure inside the worker, by cause (the cause names the metrics label).
+/// A failure inside the worker, by cause. The cause decides what the service does (retry
+/// later, fail the item, stop taking work) and how `api::errors` maps it to HTTP; it also names
+/// the metrics label.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EngineError {
     /// The request is valid JSON but the model cannot take it (names the field and limit).
@@ -26,13 +30,17 @@ pub enum EngineError {
     /// Weights or config files missing or unreadable (names the file and the fix).
     #[error("{0}")]
     ModelFiles(String),
-    /// Device or numerical failure (including out of memory).
-    #[error("{0}")]
-    Device(String),
+    /// A device allocation failed: this request was too large for the memory left; the device
+    /// is fine and smaller work can still run.
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
+    /// The device (its CUDA context) is unusable; nothing more can run in this process.
+    #[error("device lost: {0}")]
+    DeviceLost(String),
     /// The FLUX model is not loaded.
     #[error("Model not loaded")]
     NotLoaded,
-    /// The worker panicked or stopped; a bug.
+    /// A bug: a tensor error that is not a device fault, a panic, a stopped worker.
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -44,10 +52,26 @@ impl EngineError {
             EngineError::InvalidInput(_) => "invalid_input",
             EngineError::Cancelled => "cancelled",
             EngineError::ModelFiles(_) => "model_files",
-            EngineError::Device(_) => "device",
+            EngineError::OutOfMemory(_) => "out_of_memory",
+            EngineError::DeviceLost(_) => "device_lost",
             EngineError::NotLoaded => "not_loaded",
             EngineError::Internal(_) => "internal",
         }
+    }
+
+    /// A tensor/device error by what it means ([`DeviceFault`]); `message` is what to show.
+    pub fn from_tensor(e: &candle_core::Error, message: String) -> Self {
+        match DeviceFault::of(e) {
+            Some(DeviceFault::OutOfMemory) => EngineError::OutOfMemory(message),
+            Some(DeviceFault::Lost) => EngineError::DeviceLost(message),
+            None => EngineError::Internal(message),
+        }
+    }
+
+    /// Errors about the server rather than the request's items: when every item of a request
+    /// fails with one of these, the request as a whole answers with its HTTP status.
+    pub fn is_server_side(&self) -> bool {
+        matches!(self, EngineError::NotLoaded | EngineError::DeviceLost(_))
     }
 }
 
@@ -71,10 +95,16 @@ pub trait ImageBackend: Send + 'static {
     fn attention_report(&self) -> Option<crate::flux2::attention::AttentionReport> {
         None
     }
+
+    /// The model revision (hub commit) the weights were read at, for /health.
+    fn model_revision(&self) -> Option<String> {
+        None
+    }
 }
 
-/// Builds the upscaler when a request needs it; it is dropped when that request is done, so its
-/// memory goes back to the device between requests.
+/// Builds the upscaler when a request needs it; it is dropped when that request is done, and the
+/// worker's [`DeviceMemory::after_job`] then hands what it used back to the driver (see
+/// [`DeviceMemory`] for what the service promises).
 pub trait UpscaleBackend: Send + 'static {
     type Upscaler: Upscale;
 
@@ -105,5 +135,31 @@ impl Upscale for NoUpscaler {
         Err(EngineError::ModelFiles(
             "no upscaler is configured in this server".into(),
         ))
+    }
+}
+
+/// What the worker does with device memory once a job is over. The promise (docs/operations.md,
+/// "GPU memory"): during a job, freed device memory stays in the CUDA pool and is reused (the
+/// pool's release threshold is unlimited, so the hundreds of temporaries of each denoising step
+/// are pool hits); after every job (a /generate batch, an /upscale) the pool is trimmed to
+/// `GPU_POOL_KEEP_MIB`, so a large request or an upscale does not leave its peak reserved:
+/// between jobs the process holds its weights plus at most that much cached memory.
+pub trait DeviceMemory: Send + 'static {
+    /// Called on the worker thread after each job, whatever its outcome. `job` is `generate`
+    /// or `upscale`.
+    fn after_job(&self, job: &'static str);
+}
+
+/// The CPU (and tests that do not look): nothing to give back.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoDeviceMemory;
+
+impl DeviceMemory for NoDeviceMemory {
+    fn after_job(&self, _: &'static str) {}
+}
+
+impl DeviceMemory for Box<dyn DeviceMemory> {
+    fn after_job(&self, job: &'static str) {
+        (**self).after_job(job)
     }
 }

@@ -12,7 +12,10 @@ use std::time::Instant;
 use image::RgbImage;
 use tokio::sync::{mpsc, oneshot};
 
-pub use backend::{EngineError, ImageBackend, ItemParams, NoUpscaler, Upscale, UpscaleBackend};
+pub use backend::{
+    DeviceMemory, EngineError, ImageBackend, ItemParams, NoDeviceMemory, NoUpscaler, Upscale,
+    UpscaleBackend,
+};
 
 use crate::flux2::attention::AttentionReport;
 use crate::telemetry::Metrics;
@@ -41,6 +44,10 @@ pub struct EngineState {
     draining: AtomicBool,
     /// Set when the shutdown grace period is over: running work is cancelled.
     abort: AtomicBool,
+    /// Why the device became unusable, once it has: no more work is taken.
+    device_lost: Mutex<Option<String>>,
+    /// The hub commit of the loaded model's files.
+    revision: Mutex<Option<String>>,
 }
 
 impl EngineState {
@@ -54,6 +61,8 @@ impl EngineState {
             busy: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             abort: AtomicBool::new(false),
+            device_lost: Mutex::new(None),
+            revision: Mutex::new(None),
         }
     }
 
@@ -90,6 +99,19 @@ impl EngineState {
             .clone()
     }
 
+    fn set_revision(&self, revision: Option<String>) {
+        *self.revision.lock().unwrap_or_else(|p| p.into_inner()) = revision;
+    }
+
+    /// The hub commit every file of the loaded model was read at (`None`: local directory or
+    /// not loaded).
+    pub fn model_revision(&self) -> Option<String> {
+        self.revision
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Jobs admitted and not yet taken by the worker.
     pub fn queue_depth(&self) -> usize {
         self.waiting.load(Ordering::Acquire)
@@ -115,6 +137,30 @@ impl EngineState {
     /// Cancels whatever runs now and everything queued.
     pub fn abort_all(&self) {
         self.abort.store(true, Ordering::Release);
+    }
+
+    /// Why the device is unusable, once a job has found it so (a sticky CUDA error): the
+    /// process must be restarted, so /ready fails and no new work is admitted.
+    pub fn device_lost(&self) -> Option<String> {
+        self.device_lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records what a job's error says about the device; the first lost-device error wins.
+    fn note(&self, e: &EngineError) {
+        if let EngineError::DeviceLost(why) = e {
+            let mut lost = self.device_lost.lock().unwrap_or_else(|p| p.into_inner());
+            if lost.is_none() {
+                tracing::error!(error = %why, "the device is lost: refusing all further work; restart the process");
+                *lost = Some(why.clone());
+                drop(lost);
+                if self.model_status() == ModelStatus::Loaded {
+                    self.set_model(ModelStatus::Failed, Some(e.to_string()));
+                }
+            }
+        }
     }
 
     fn aborted(&self) -> bool {
@@ -248,6 +294,17 @@ impl Engine {
         upscaler: U,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
+        Self::start_with_memory(queue_size, loader, upscaler, NoDeviceMemory, metrics)
+    }
+
+    /// [`Engine::start`] with what to do with device memory after each job.
+    pub fn start_with_memory<B: ImageBackend, U: UpscaleBackend, M: DeviceMemory>(
+        queue_size: usize,
+        loader: Option<BackendLoader<B>>,
+        upscaler: U,
+        memory: M,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         let state = Arc::new(EngineState::new(queue_size));
         if loader.is_some() {
             state.set_model(ModelStatus::Loading, None);
@@ -256,7 +313,7 @@ impl Engine {
         let worker_state = state.clone();
         std::thread::Builder::new()
             .name("gpu-worker".into())
-            .spawn(move || worker::run(rx, worker_state, metrics, loader, upscaler))?;
+            .spawn(move || worker::run(rx, worker_state, metrics, loader, upscaler, memory))?;
         Ok(Self { tx, state })
     }
 

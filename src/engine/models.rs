@@ -20,7 +20,8 @@ impl From<Flux2Error> for EngineError {
             }
             Flux2Error::ModelFiles(_) | Flux2Error::Tokenizer(_) => EngineError::ModelFiles(msg),
             Flux2Error::Cancelled => EngineError::Cancelled,
-            Flux2Error::Candle(_) | Flux2Error::Attention(_) => EngineError::Device(msg),
+            Flux2Error::Candle(c) => EngineError::from_tensor(&c, msg),
+            Flux2Error::Attention(_) => EngineError::Internal(msg),
         }
     }
 }
@@ -65,6 +66,10 @@ impl ImageBackend for Flux {
     fn attention_report(&self) -> Option<AttentionReport> {
         Some(self.pipeline.attention_report().clone())
     }
+
+    fn model_revision(&self) -> Option<String> {
+        self.pipeline.revision().map(str::to_string)
+    }
 }
 
 /// Loads the configured model on the worker thread (the token is passed, never logged).
@@ -103,7 +108,8 @@ impl From<UpscaleError> for EngineError {
             | UpscaleError::Download { .. }
             | UpscaleError::Checksum { .. }
             | UpscaleError::Io { .. } => EngineError::ModelFiles(msg),
-            UpscaleError::OutOfMemory { .. } | UpscaleError::Candle(_) => EngineError::Device(msg),
+            UpscaleError::OutOfMemory { .. } => EngineError::OutOfMemory(msg),
+            UpscaleError::Candle(c) => EngineError::from_tensor(&c, msg),
         }
     }
 }
@@ -140,5 +146,55 @@ pub fn upscaler(args: &ServeArgs, device: &Device) -> RealEsrgan {
             allow_download: args.upscaler_allow_download,
         },
         device: device.clone(),
+    }
+}
+
+/// What the server does with device memory after each job: trim the CUDA pool to
+/// `GPU_POOL_KEEP_MIB` (see [`super::DeviceMemory`]); nothing on the CPU.
+pub fn device_memory(args: &ServeArgs, device: &Device) -> Box<dyn super::DeviceMemory> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        match crate::device::cuda::MemPool::of(d) {
+            Ok(pool) => {
+                return Box::new(CudaPoolTrim {
+                    device: device.clone(),
+                    pool,
+                    keep_bytes: args.gpu_pool_keep_mib << 20,
+                });
+            }
+            Err(e) => tracing::warn!("CUDA memory pool not trimmed after jobs: {e:#}"),
+        }
+    }
+    let _ = (args, device);
+    Box::new(super::NoDeviceMemory)
+}
+
+/// Trims the CUDA stream-ordered pool after each job.
+#[cfg(feature = "cuda")]
+struct CudaPoolTrim {
+    device: Device,
+    pool: crate::device::cuda::MemPool,
+    keep_bytes: u64,
+}
+
+#[cfg(feature = "cuda")]
+impl super::DeviceMemory for CudaPoolTrim {
+    fn after_job(&self, job: &'static str) {
+        // Frees are stream-ordered: wait for them before asking what is unused.
+        if let Err(e) = self.device.synchronize() {
+            tracing::warn!(job, error = %e, "device sync before trimming the pool failed");
+            return;
+        }
+        let before = self.pool.reserved_now();
+        match self.pool.trim_to(self.keep_bytes) {
+            Ok(()) => tracing::debug!(
+                job,
+                reserved_before = before,
+                reserved_after = self.pool.reserved_now(),
+                keep = self.keep_bytes,
+                "CUDA pool trimmed after the job"
+            ),
+            Err(e) => tracing::warn!(job, error = %e, "trimming the CUDA pool failed"),
+        }
     }
 }

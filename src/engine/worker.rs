@@ -7,8 +7,9 @@ use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use super::{
-    BackendLoader, EngineError, EngineState, GenerateJob, GeneratedItem, ImageBackend, ItemOutput,
-    Job, JobKind, ModelStatus, Upscale, UpscaleBackend, UpscaleJob, UpscaledImage,
+    BackendLoader, DeviceMemory, EngineError, EngineState, GenerateJob, GeneratedItem,
+    ImageBackend, ItemOutput, Job, JobKind, ModelStatus, Upscale, UpscaleBackend, UpscaleJob,
+    UpscaledImage,
 };
 use crate::telemetry::Metrics;
 
@@ -23,12 +24,13 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
-pub(super) fn run<B: ImageBackend, U: UpscaleBackend>(
+pub(super) fn run<B: ImageBackend, U: UpscaleBackend, M: DeviceMemory>(
     rx: Receiver<Job>,
     state: Arc<EngineState>,
     metrics: Arc<Metrics>,
     loader: Option<BackendLoader<B>>,
     upscaler: U,
+    memory: M,
 ) {
     let mut backend = None;
     if let Some(load) = loader {
@@ -37,6 +39,7 @@ pub(super) fn run<B: ImageBackend, U: UpscaleBackend>(
         match catch_unwind(AssertUnwindSafe(load)) {
             Ok(Ok(b)) => {
                 state.set_attention(b.attention_report());
+                state.set_revision(b.model_revision());
                 backend = Some(b);
                 state.set_model(ModelStatus::Loaded, None);
                 tracing::info!(
@@ -70,6 +73,10 @@ pub(super) fn run<B: ImageBackend, U: UpscaleBackend>(
         drop(admission);
         let _entered = span.enter();
         state.busy.store(true, Ordering::Release);
+        let label = match &kind {
+            JobKind::Generate(_) => "generate",
+            JobKind::Upscale(_) => "upscale",
+        };
         let outcome = catch_unwind(AssertUnwindSafe(|| match kind {
             JobKind::Generate(job) => generate(&state, &metrics, backend.as_ref(), &upscaler, job),
             JobKind::Upscale(job) => upscale(&state, &metrics, &upscaler, job),
@@ -77,6 +84,10 @@ pub(super) fn run<B: ImageBackend, U: UpscaleBackend>(
         if let Err(p) = outcome {
             // The job's reply channels were dropped with it: its handler reports the failure.
             tracing::error!(error = %panic_message(p.as_ref()), "job panicked");
+        }
+        // Everything the job allocated is dropped by now (the upscaler included).
+        if catch_unwind(AssertUnwindSafe(|| memory.after_job(label))).is_err() {
+            tracing::error!("giving device memory back after the job panicked");
         }
         state.busy.store(false, Ordering::Release);
     }
@@ -99,6 +110,7 @@ fn generate<B: ImageBackend, U: UpscaleBackend>(
     } = job;
     let cancelled = || cancel.is_cancelled() || state.aborted() || events.is_closed();
     let fail_all = |e: EngineError| {
+        state.note(&e);
         for index in 0..items.len() {
             let _ = events.send(ItemOutput {
                 index,
@@ -109,6 +121,9 @@ fn generate<B: ImageBackend, U: UpscaleBackend>(
     if cancelled() {
         tracing::info!("request cancelled before it started");
         return;
+    }
+    if let Some(why) = state.device_lost() {
+        return fail_all(EngineError::DeviceLost(why));
     }
     let Some(backend) = backend else {
         return fail_all(EngineError::NotLoaded);
@@ -173,6 +188,19 @@ fn generate<B: ImageBackend, U: UpscaleBackend>(
             });
         if let Err(e) = &result {
             tracing::error!(index, error = %e, "item failed");
+            state.note(e);
+            if matches!(e, EngineError::DeviceLost(_)) {
+                // Nothing more can run on this device: fail the rest of the batch now.
+                let why = e.clone();
+                let _ = events.send(ItemOutput { index, result });
+                for index in index + 1..items.len() {
+                    let _ = events.send(ItemOutput {
+                        index,
+                        result: Err(why.clone()),
+                    });
+                }
+                return;
+            }
         }
         if events.send(ItemOutput { index, result }).is_err() {
             return;
@@ -195,6 +223,10 @@ fn upscale<U: UpscaleBackend>(
     if cancel.is_cancelled() || state.aborted() || reply.is_closed() {
         return;
     }
+    if let Some(why) = state.device_lost() {
+        let _ = reply.send(Err(EngineError::DeviceLost(why)));
+        return;
+    }
     let started = Instant::now();
     let result = upscaler.load().and_then(|up| {
         let load_ms = ms(started);
@@ -208,5 +240,8 @@ fn upscale<U: UpscaleBackend>(
             upscale_ms: ms(t),
         })
     });
+    if let Err(e) = &result {
+        state.note(e);
+    }
     let _ = reply.send(result);
 }

@@ -159,6 +159,8 @@ pub struct Generated {
 /// A loaded FLUX.2 [klein] model: text encoder, transformer and VAE on one device.
 pub struct Flux2Pipeline {
     model_id: String,
+    /// The hub commit the files were read at (`None` for a local directory).
+    revision: Option<String>,
     is_distilled: bool,
     text: PromptEncoder,
     transformer: Flux2Transformer2DModel,
@@ -300,6 +302,7 @@ impl Flux2Pipeline {
         }
         Ok(Self {
             model_id: files.id().to_string(),
+            revision: files.revision().map(str::to_string),
             is_distilled: index.is_distilled,
             text,
             transformer,
@@ -313,6 +316,11 @@ impl Flux2Pipeline {
 
     pub fn model_id(&self) -> &str {
         &self.model_id
+    }
+
+    /// The hub commit every model file was read at (`None` for a local directory).
+    pub fn revision(&self) -> Option<&str> {
+        self.revision.as_deref()
     }
 
     /// Distilled models (klein 4B/9B) run without CFG; base models use CFG when guidance > 1.

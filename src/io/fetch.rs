@@ -1,5 +1,7 @@
 //! Downloads of user-supplied URLs (reference images, /upscale input): one shared client,
-//! redirects followed by hand and re-checked, a byte cap while streaming.
+//! redirects followed by hand and re-checked, a byte cap while streaming, and one deadline for
+//! the whole download (every hop and the body): reqwest's own timeout is per request, so a
+//! redirect chain could otherwise take `max_redirects + 1` times the limit.
 
 use std::time::Duration;
 
@@ -25,6 +27,18 @@ pub enum FetchError {
     TooLarge { url: String, limit: u64 },
     #[error("request to {url} failed: {message}")]
     Transport { url: String, message: String },
+    /// The whole download (all hops and the body) ran past its deadline.
+    #[error(
+        "download of {url} ran past its total deadline of {}s (DOWNLOAD_TIMEOUT_SECS) after {hops} redirect(s), {stage}",
+        limit.as_secs_f64()
+    )]
+    Deadline {
+        url: String,
+        limit: Duration,
+        hops: u32,
+        /// What it was doing: "waiting for an answer" or "reading the body".
+        stage: &'static str,
+    },
 }
 
 /// Limits and policy of the downloader.
@@ -49,22 +63,29 @@ impl Fetcher {
         Ok(Self { client, config })
     }
 
-    /// GETs `url` and returns the body, following at most `max_redirects` redirects.
+    /// GETs `url` and returns the body, following at most `max_redirects` redirects, all
+    /// within one deadline of `timeout`.
     pub async fn get(&self, url: &str) -> Result<Vec<u8>, FetchError> {
         let mut current = Url::parse(url).map_err(|e| FetchError::InvalidUrl {
             url: redact(url).to_string(),
             message: e.to_string(),
         })?;
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        let expired = |hops: u32, stage: &'static str| FetchError::Deadline {
+            url: redact(url).to_string(),
+            limit: self.config.timeout,
+            hops,
+            stage,
+        };
         let mut hops = 0;
         loop {
             self.config.policy.check_url(&current)?;
             let shown = redact(current.as_str()).to_string();
-            let response = self
-                .client
-                .get(current.clone())
-                .send()
-                .await
-                .map_err(|e| transport_error(&shown, &e))?;
+            let response =
+                tokio::time::timeout_at(deadline, self.client.get(current.clone()).send())
+                    .await
+                    .map_err(|_| expired(hops, "waiting for an answer"))?
+                    .map_err(|e| transport_error(&shown, &e))?;
             let status = response.status();
             if status.is_redirection() {
                 hops += 1;
@@ -86,7 +107,9 @@ impl Fetcher {
             if !status.is_success() {
                 return Err(FetchError::Status { status, url: shown });
             }
-            return self.read_capped(response, shown).await;
+            return tokio::time::timeout_at(deadline, self.read_capped(response, shown))
+                .await
+                .map_err(|_| expired(hops, "reading the body"))?;
         }
     }
 

@@ -213,6 +213,9 @@ pub fn redact(url: &str) -> &str {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

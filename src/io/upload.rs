@@ -29,11 +29,25 @@ pub enum UploadError {
         attempts: u32,
         message: String,
     },
+    /// The whole upload (every attempt and backoff wait) ran past its deadline.
+    #[error(
+        "upload to {url} ran past its total deadline of {}s (UPLOAD_DEADLINE_SECS) in attempt {attempts}; last error: {last}",
+        limit.as_secs_f64()
+    )]
+    Deadline {
+        url: String,
+        limit: Duration,
+        attempts: u32,
+        last: String,
+    },
 }
 
 #[derive(Debug, Clone)]
 pub struct UploadConfig {
+    /// Per attempt.
     pub timeout: Duration,
+    /// For the whole upload: every attempt and every backoff wait.
+    pub deadline: Duration,
     pub retries: u32,
     pub retry_base: Duration,
     pub policy: UrlPolicy,
@@ -59,12 +73,40 @@ impl Uploader {
     }
 
     /// PUTs `body` to `url`. Retries connection errors, timeouts and 5xx with exponential
-    /// backoff; a 3xx or 4xx answer fails at once (retrying cannot fix a bad signature).
+    /// backoff; a 3xx or 4xx answer fails at once (retrying cannot fix a bad signature). All of
+    /// it happens within one deadline (`deadline`); each attempt also has its own `timeout`.
     pub async fn put(
         &self,
         url: &str,
         body: Bytes,
         content_type: &str,
+    ) -> Result<UploadReport, UploadError> {
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let last = std::sync::Mutex::new(String::from("none yet"));
+        let limit = self.config.deadline;
+        match tokio::time::timeout(
+            limit,
+            self.put_retrying(url, body, content_type, &attempts, &last),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(UploadError::Deadline {
+                url: redact(url).to_string(),
+                limit,
+                attempts: attempts.load(std::sync::atomic::Ordering::Relaxed),
+                last: last.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            }),
+        }
+    }
+
+    async fn put_retrying(
+        &self,
+        url: &str,
+        body: Bytes,
+        content_type: &str,
+        attempts: &std::sync::atomic::AtomicU32,
+        last: &std::sync::Mutex<String>,
     ) -> Result<UploadReport, UploadError> {
         let shown = redact(url).to_string();
         let parsed = Url::parse(url).map_err(|e| UploadError::InvalidUrl {
@@ -75,6 +117,7 @@ impl Uploader {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            attempts.store(attempt, std::sync::atomic::Ordering::Relaxed);
             let result = self
                 .client
                 .put(parsed.clone())
@@ -110,6 +153,7 @@ impl Uploader {
                 }
                 Err(e) => describe_reqwest_error(&e),
             };
+            retryable_message.clone_into(&mut last.lock().unwrap_or_else(|p| p.into_inner()));
             if attempt > self.config.retries {
                 return Err(UploadError::Transport {
                     url: shown,

@@ -78,8 +78,7 @@ fn pad_bottom_right(p: &Planes, pad_h: usize, pad_w: usize) -> Planes {
 }
 
 fn is_oom(e: &candle_core::Error) -> bool {
-    let s = e.to_string().to_ascii_lowercase();
-    s.contains("out_of_memory") || s.contains("out of memory")
+    crate::device::fault::DeviceFault::of(e) == Some(crate::device::fault::DeviceFault::OutOfMemory)
 }
 
 /// Tile sizes to try in order: the configured one, then halves down to 32 (rounded to the

@@ -66,7 +66,7 @@ impl FakeHub {
         let (tx, rx) = std::sync::mpsc::channel();
         let app = Router::new()
             .route("/api/models/{owner}/{name}/revision/main", get(info))
-            .route("/{owner}/{name}/resolve/main/{*file}", get(resolve))
+            .route("/{owner}/{name}/resolve/{revision}/{*file}", get(resolve))
             .with_state(state.clone());
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -171,15 +171,18 @@ async fn info(
     axum::Json(serde_json::json!({ "siblings": siblings, "sha": COMMIT })).into_response()
 }
 
-/// `GET /{repo}/resolve/main/{file}` with `Range: bytes=a-b`.
+/// `GET /{repo}/resolve/{main or COMMIT}/{file}` with `Range: bytes=a-b`.
 async fn resolve(
     State(stub): State<Arc<Stub>>,
-    UrlPath((_owner, _name, file)): UrlPath<(String, String, String)>,
+    UrlPath((_owner, _name, revision, file)): UrlPath<(String, String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
     stub.requests.fetch_add(1, Ordering::Relaxed);
     if !authorized(&stub, &headers) {
         return StatusCode::UNAUTHORIZED.into_response();
+    }
+    if revision != "main" && revision != COMMIT {
+        return StatusCode::NOT_FOUND.into_response();
     }
     if stub.faults.hold.as_deref() == Some(file.as_str()) {
         while !stub.released.load(Ordering::Acquire) {

@@ -164,3 +164,61 @@ fn a_digest_mismatch_is_refused_and_not_cached() {
     let cached = ModelFiles::open_with(REPO, offline).unwrap();
     assert!(cached.get(FILE).is_err(), "the bad blob was removed");
 }
+
+/// The cache holds an older revision of the repo (`refs/main` → OLD, with its own
+/// `model_index.json`) and the hub has moved on to COMMIT. Every file must come from COMMIT:
+/// reading cache-first by `refs/main` would mix OLD's index with COMMIT's weights.
+#[test]
+fn every_file_is_read_at_the_one_revision_the_hub_lists() {
+    const OLD: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    let hub = FakeHub::start(&model_dir(), Faults::default());
+    let cache = tempfile::tempdir().unwrap();
+    let repo_dir = cache.path().join("models--test-org--klein-tiny");
+    let old_snapshot = repo_dir.join("snapshots").join(OLD);
+    std::fs::create_dir_all(old_snapshot.join("text_encoder")).unwrap();
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs/main"), OLD).unwrap();
+    std::fs::write(old_snapshot.join("model_index.json"), b"{\"stale\": true}").unwrap();
+    std::fs::write(old_snapshot.join("text_encoder/config.json"), b"{}").unwrap();
+
+    let opts = HubOptions {
+        cache_dir: Some(cache.path().to_path_buf()),
+        endpoint: Some(hub.endpoint()),
+        ..Default::default()
+    };
+    let files = ModelFiles::open_with(REPO, opts.clone()).unwrap();
+    assert_eq!(files.revision(), Some(COMMIT));
+    for file in ["model_index.json", "text_encoder/config.json"] {
+        let path = files.get(file).unwrap();
+        assert!(
+            path.starts_with(repo_dir.join("snapshots").join(COMMIT)),
+            "{file} read from {}",
+            path.display()
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            std::fs::read(model_dir().join(file)).unwrap(),
+            "{file} is the hub's current content"
+        );
+    }
+    // The cache now names the revision that was read, so an offline start reads it too.
+    assert_eq!(
+        std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(),
+        COMMIT
+    );
+    let offline = ModelFiles::open_with(
+        REPO,
+        HubOptions {
+            offline: true,
+            ..opts
+        },
+    )
+    .unwrap();
+    assert_eq!(offline.revision(), Some(COMMIT));
+    assert!(
+        offline
+            .get("model_index.json")
+            .unwrap()
+            .starts_with(repo_dir.join("snapshots").join(COMMIT))
+    );
+}

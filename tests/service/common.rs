@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, put};
 use imagegen::config::ServeArgs;
-use imagegen::engine::{BackendLoader, ImageBackend, UpscaleBackend};
+use imagegen::engine::{BackendLoader, DeviceMemory, ImageBackend, UpscaleBackend};
 use rusty_s3::Credentials;
 use rusty_s3::actions::S3Action as _;
 use tokio::net::TcpListener;
@@ -107,6 +107,9 @@ pub struct PeerState {
     pub forbidden_attempts: AtomicUsize,
     pub puts: Mutex<Vec<SeenPut>>,
     pub reference_png: Vec<u8>,
+    /// GETs of /hold.png waiting now; they answer once `released` is set.
+    pub held: AtomicUsize,
+    pub released: std::sync::atomic::AtomicBool,
 }
 
 pub fn png_bytes(img: &image::RgbImage) -> Vec<u8> {
@@ -164,6 +167,9 @@ impl Peer {
                 "/redirect-file",
                 get(|| async { Redirect::temporary("file:///etc/passwd") }),
             )
+            .route("/hold.png", get(hold))
+            .route("/slow-hop/{n}", get(slow_hop))
+            .route("/slow-503", put(slow_503))
             .route("/flaky", put(flaky))
             .route("/forbidden", put(forbidden))
             .route("/record", put(record))
@@ -191,6 +197,37 @@ fn seen(headers: &HeaderMap, body: &Bytes) -> SeenPut {
         content_type: h(header::CONTENT_TYPE),
         body_len: body.len(),
     }
+}
+
+/// The reference PNG, once the test sets `released` (a URL as slow as the test wants).
+async fn hold(State(s): State<Arc<PeerState>>) -> Response {
+    s.held.fetch_add(1, Ordering::SeqCst);
+    while !s.released.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.held.fetch_sub(1, Ordering::SeqCst);
+    (
+        [(header::CONTENT_TYPE, "image/png")],
+        s.reference_png.clone(),
+    )
+        .into_response()
+}
+
+/// A chain of redirects, each hop answering after 400 ms: /slow-hop/n → n-1 → ... → /ref.png.
+async fn slow_hop(axum::extract::Path(n): axum::extract::Path<u32>) -> Response {
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    if n == 0 {
+        Redirect::temporary("/ref.png").into_response()
+    } else {
+        Redirect::temporary(&format!("/slow-hop/{}", n - 1)).into_response()
+    }
+}
+
+/// Every PUT answers 503 after 400 ms (each attempt inside its own timeout, retried).
+async fn slow_503(State(s): State<Arc<PeerState>>, headers: HeaderMap, body: Bytes) -> Response {
+    s.puts.lock().unwrap().push(seen(&headers, &body));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    StatusCode::SERVICE_UNAVAILABLE.into_response()
 }
 
 /// 503 twice, then 200.
@@ -260,6 +297,29 @@ impl Server {
             imagegen::api::run(listener, args, false, loader, upscaler, async move {
                 let _ = stopped.await;
             })
+        })
+        .await
+    }
+
+    /// [`Server::start`] with a device-memory hook the worker calls after each job.
+    pub async fn start_with_memory<B: ImageBackend, U: UpscaleBackend, M: DeviceMemory>(
+        loader: Option<BackendLoader<B>>,
+        upscaler: U,
+        memory: M,
+        flags: &[&str],
+    ) -> Server {
+        Self::launch(&[], flags, |listener, args, stopped| {
+            imagegen::api::run_with_memory(
+                listener,
+                args,
+                false,
+                loader,
+                upscaler,
+                memory,
+                async move {
+                    let _ = stopped.await;
+                },
+            )
         })
         .await
     }

@@ -260,6 +260,7 @@ async fn root_health_fields_and_request_id() {
         "gpu_memory_gb",
         "gpu_memory_used_gb",
         "model_id",
+        "model_revision",
         "quantization",
         "text_encoder_quantization",
         "dtype",

@@ -110,3 +110,74 @@ async fn missing_upscaler_weights_fail_the_request_not_the_server() {
     let live = s.get("/live").await;
     assert_eq!(live.status(), 200);
 }
+
+/// A paint server (no model work to speak of) with the given flags, and a peer.
+async fn quick_server(flags: &[&str]) -> (Server, Peer) {
+    let s = Server::start(
+        crate::backend::Paint::default().loader(Duration::ZERO),
+        imagegen::engine::NoUpscaler,
+        flags,
+    )
+    .await;
+    s.wait_status("healthy", Duration::from_secs(10)).await;
+    (s, Peer::start().await)
+}
+
+#[tokio::test]
+async fn a_download_has_one_deadline_across_all_its_redirects() {
+    // Four hops of 400 ms each: every hop is well inside 1 s, the whole chain is not.
+    let (s, peer) = quick_server(&["--download-timeout-secs", "1"]).await;
+    let v: Value = s
+        .post_json(
+            "/generate",
+            json!({"prompts": ["p"], "upload_urls": [peer.url("/record")], "num_steps": 1,
+                   "width": 256, "height": 256, "images": [{"url": peer.url("/slow-hop/3")}]}),
+        )
+        .await;
+    let err = v["results"][0]["error"].as_str().unwrap();
+    assert!(err.contains("reference image 0"), "{err}");
+    assert!(err.contains("total deadline of 1s"), "{err}");
+    assert!(err.contains("DOWNLOAD_TIMEOUT_SECS"), "{err}");
+    // It says where the time went.
+    assert!(err.contains("redirect(s)"), "{err}");
+    // A single slow hop still succeeds: the deadline is per download, not shorter.
+    let v: Value = s
+        .post_json(
+            "/generate",
+            json!({"prompts": ["p"], "upload_urls": [peer.url("/record")], "num_steps": 1,
+                   "width": 256, "height": 256, "images": [{"url": peer.url("/slow-hop/0")}]}),
+        )
+        .await;
+    assert_eq!(v["success"], true, "{v}");
+}
+
+#[tokio::test]
+async fn an_upload_has_one_deadline_across_all_its_retries() {
+    // Each attempt answers 503 after 400 ms (inside the 2 s per-attempt timeout) and is
+    // retried up to 10 times; the upload as a whole may take 1 s.
+    let (s, peer) = quick_server(&[
+        "--upload-timeout-secs",
+        "2",
+        "--upload-retries",
+        "10",
+        "--upload-deadline-secs",
+        "1",
+    ])
+    .await;
+    let v: Value = s
+        .post_json(
+            "/generate",
+            json!({"prompts": ["p"], "upload_urls": [peer.url("/slow-503")], "num_steps": 1,
+                   "width": 256, "height": 256}),
+        )
+        .await;
+    let err = v["results"][0]["error"].as_str().unwrap();
+    assert!(err.contains("total deadline of 1s"), "{err}");
+    assert!(err.contains("UPLOAD_DEADLINE_SECS"), "{err}");
+    assert!(err.contains("HTTP 503"), "last error named: {err}");
+    let attempts = peer.state.puts.lock().unwrap().len();
+    assert!(
+        attempts < 11,
+        "{attempts} attempts: the deadline did not stop the retries"
+    );
+}

@@ -21,14 +21,27 @@ pub enum ModelSource {
     Hub(String),
 }
 
-/// `4B`/`9B` shortcuts first (a directory called `4B` is reachable as `./4B`), then an existing
-/// directory, then `owner/name`.
-pub fn resolve_model_id(model_id: &str) -> Result<ModelSource, WeightsError> {
+/// The one spelling of a `MODEL_ID` that config, logs, /health and the loader all use: trimmed,
+/// the `4B`/`9B` shortcuts (any case) expanded, and the known klein repos in their canonical
+/// case (the hub answers `flux.2-klein-4b` too, but the cache folder is case-sensitive, so two
+/// spellings would mean two caches). Anything else is kept as written.
+pub fn canonical_model_id(model_id: &str) -> String {
     let id = model_id.trim();
-    match id.to_ascii_uppercase().as_str() {
-        "4B" => return Ok(ModelSource::Hub(REPO_4B.to_string())),
-        "9B" => return Ok(ModelSource::Hub(REPO_9B.to_string())),
-        _ => {}
+    for (short, repo) in [("4B", REPO_4B), ("9B", REPO_9B)] {
+        if id.eq_ignore_ascii_case(short) || id.eq_ignore_ascii_case(repo) {
+            return repo.to_string();
+        }
+    }
+    id.to_string()
+}
+
+/// `4B`/`9B` shortcuts first (a directory called `4B` is reachable as `./4B`), then an existing
+/// directory, then `owner/name`; on [`canonical_model_id`]'s spelling.
+pub fn resolve_model_id(model_id: &str) -> Result<ModelSource, WeightsError> {
+    let canonical = canonical_model_id(model_id);
+    let id = canonical.as_str();
+    if id == REPO_4B || id == REPO_9B {
+        return Ok(ModelSource::Hub(id.to_string()));
     }
     let path = Path::new(id);
     if path.is_dir() {
@@ -116,12 +129,20 @@ impl HubOptions {
     }
 }
 
-/// The repo's file list and whether it came from the hub (`true`) or only from the cache
-/// (`false`: the hub was unreachable or `HF_HUB_OFFLINE` is set).
-pub(super) fn list(
-    repo: &str,
-    opts: &HubOptions,
-) -> Result<(BTreeMap<String, HubFile>, bool), WeightsError> {
+/// What listing a repo found.
+pub(super) struct Listed {
+    pub files: BTreeMap<String, HubFile>,
+    /// From the hub (`true`) or only from the cache (`false`: the hub was unreachable or
+    /// `HF_HUB_OFFLINE` is set).
+    pub online: bool,
+    /// The commit every file is read at: the hub's current `main` when online (and `refs/main`
+    /// of the cache is moved to it, so a later offline start reads the same one), else the
+    /// commit the cache's `refs/main` names.
+    pub revision: Option<String>,
+}
+
+/// The repo's file list at one revision, resolved once.
+pub(super) fn list(repo: &str, opts: &HubOptions) -> Result<Listed, WeightsError> {
     let cache = opts.cache();
     let cached = cached_files(&cache, repo);
     let listed = if opts.offline {
@@ -143,7 +164,7 @@ pub(super) fn list(
             let listing = tokio::time::timeout(limit, listing)
                 .await
                 .map_err(|_| format!("no answer within {limit:?}"))??;
-            Ok(listing
+            let files = listing
                 .siblings
                 .into_iter()
                 .map(|s| {
@@ -153,15 +174,26 @@ pub(super) fn list(
                     };
                     (s.rfilename, meta)
                 })
-                .collect())
+                .collect::<BTreeMap<_, _>>();
+            Ok((files, listing.sha))
         })
     };
     match (listed, cached) {
-        (Ok(files), _) => Ok((files, true)),
-        (Err(_), Some(files)) if !files.is_empty() => Ok((
-            files.into_iter().map(|f| (f, HubFile::default())).collect(),
-            false,
-        )),
+        (Ok((files, revision)), _) => {
+            if let Some(sha) = &revision {
+                pin_main(&cache, repo, sha);
+            }
+            Ok(Listed {
+                files,
+                online: true,
+                revision,
+            })
+        }
+        (Err(_), Some((commit, files))) if !files.is_empty() => Ok(Listed {
+            files: files.into_iter().map(|f| (f, HubFile::default())).collect(),
+            online: false,
+            revision: Some(commit),
+        }),
         (Err(reason), _) => Err(WeightsError::Offline {
             repo: repo.to_string(),
             cache: cache.path().display().to_string(),
@@ -171,9 +203,40 @@ pub(super) fn list(
     }
 }
 
-/// The cached copy of `file`, if there is one.
-pub(super) fn cached(repo: &str, opts: &HubOptions, file: &str) -> Option<PathBuf> {
-    opts.cache().model(repo.to_string()).get(file)
+/// Points the cache's `refs/main` at `sha`, the revision this process reads, so that a later
+/// offline start reads the same files. Best effort: a read-only cache only loses that.
+fn pin_main(cache: &Cache, repo: &str, sha: &str) {
+    let r = Repo::new(repo.to_string(), RepoType::Model);
+    let refs = cache.path().join(r.folder_name()).join("refs");
+    if std::fs::create_dir_all(&refs).is_ok()
+        && let Err(e) = std::fs::write(refs.join(r.revision()), sha)
+    {
+        tracing::debug!(error = %e, "cannot update the cache's refs/main");
+    }
+}
+
+/// The cached copy of `file` at `revision` (the snapshot of that commit only, never another
+/// revision's copy), or, without a revision, the one `refs/main` names.
+pub(super) fn cached(
+    repo: &str,
+    opts: &HubOptions,
+    revision: Option<&str>,
+    file: &str,
+) -> Option<PathBuf> {
+    let cache = opts.cache();
+    match revision {
+        Some(sha) => {
+            let r = Repo::new(repo.to_string(), RepoType::Model);
+            let path = cache
+                .path()
+                .join(r.folder_name())
+                .join("snapshots")
+                .join(sha)
+                .join(file);
+            path.exists().then_some(path)
+        }
+        None => cache.model(repo.to_string()).get(file),
+    }
 }
 
 /// Downloads `file` into the cache and returns its path. A broken-off transfer is retried
@@ -182,6 +245,7 @@ pub(super) fn cached(repo: &str, opts: &HubOptions, file: &str) -> Option<PathBu
 pub(super) fn download(
     repo: &str,
     opts: &HubOptions,
+    revision: Option<&str>,
     file: &str,
     expected: &HubFile,
 ) -> Result<PathBuf, String> {
@@ -190,15 +254,14 @@ pub(super) fn download(
     // One runtime per try: hf-hub does not cancel the chunk tasks of a failed try, and dropping
     // their runtime does, so a resumed try is the only one still transferring.
     let path = loop {
-        let (o, r, f, p) = (
-            opts.clone(),
-            repo.to_string(),
-            file.to_string(),
-            progress.clone(),
-        );
+        let (o, f, p) = (opts.clone(), file.to_string(), progress.clone());
+        let r = match revision {
+            Some(sha) => Repo::with_revision(repo.to_string(), RepoType::Model, sha.to_string()),
+            None => Repo::new(repo.to_string(), RepoType::Model),
+        };
         let tried = run_blocking(move || async move {
             let api = build_api(&o)?;
-            api.model(r)
+            api.repo(r)
                 .download_with_progress(&f, Reporter(p))
                 .await
                 .map_err(|e| e.to_string())
@@ -255,6 +318,8 @@ fn verify(path: &Path, expected: &HubFile) -> Result<(), String> {
 #[derive(serde::Deserialize)]
 struct Listing {
     siblings: Vec<Sibling>,
+    /// The commit the listing describes.
+    sha: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -270,15 +335,16 @@ struct Lfs {
     size: u64,
 }
 
-/// Files of the cached snapshot that `refs/main` points at, if the repo is in the cache.
-fn cached_files(cache: &Cache, repo: &str) -> Option<BTreeSet<String>> {
+/// The commit `refs/main` points at and the files of its snapshot, if the repo is in the cache.
+fn cached_files(cache: &Cache, repo: &str) -> Option<(String, BTreeSet<String>)> {
     let r = Repo::new(repo.to_string(), RepoType::Model);
     let repo_dir = cache.path().join(r.folder_name());
     let commit = std::fs::read_to_string(repo_dir.join("refs").join(r.revision())).ok()?;
-    let snapshot = repo_dir.join("snapshots").join(commit.trim());
+    let commit = commit.trim().to_string();
+    let snapshot = repo_dir.join("snapshots").join(&commit);
     let mut files = BTreeSet::new();
     list_dir(&snapshot, &snapshot, &mut files).ok()?;
-    Some(files)
+    Some((commit, files))
 }
 
 fn build_api(opts: &HubOptions) -> Result<hf_hub::api::tokio::Api, String> {

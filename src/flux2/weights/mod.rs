@@ -29,8 +29,8 @@ use super::transformer::Flux2TransformerConfig;
 
 pub use bfl::{RAW_FP8_SCALE_SUFFIX, RAW_FP8_SUFFIX, bfl_var_builder};
 pub use hub::{
-    DEFAULT_MODEL_ID, HubFile, HubOptions, ModelSource, REPO_4B, REPO_9B, hf_token_from_env,
-    resolve_model_id,
+    DEFAULT_MODEL_ID, HubFile, HubOptions, ModelSource, REPO_4B, REPO_9B, canonical_model_id,
+    hf_token_from_env, resolve_model_id,
 };
 pub use progress::{DownloadProgress, DownloadSnapshot, human_bytes};
 #[cfg(any(test, feature = "test-support"))]
@@ -79,6 +79,8 @@ enum Backing {
         online: bool,
         /// Sizes and digests from the hub's listing (empty when listed from the cache).
         meta: BTreeMap<String, HubFile>,
+        /// The one commit every file is read at (resolved when listing).
+        revision: Option<String>,
     },
 }
 
@@ -133,7 +135,17 @@ impl ModelFiles {
     }
 
     fn hub(repo: &str, opts: HubOptions) -> Result<Self, WeightsError> {
-        let (meta, online) = hub::list(repo, &opts)?;
+        let hub::Listed {
+            files: meta,
+            online,
+            revision,
+        } = hub::list(repo, &opts)?;
+        tracing::info!(
+            repo,
+            revision = revision.as_deref().unwrap_or("unknown"),
+            online,
+            "model revision"
+        );
         Ok(Self {
             id: repo.to_string(),
             files: meta.keys().cloned().collect(),
@@ -142,6 +154,7 @@ impl ModelFiles {
                 opts,
                 online,
                 meta,
+                revision,
             },
             weights_override: None,
         })
@@ -158,6 +171,15 @@ impl ModelFiles {
     /// The model id as given (directory or repo id).
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The hub commit every file is read at; `None` for a local directory (or a hub that
+    /// listed no commit).
+    pub fn revision(&self) -> Option<&str> {
+        match &self.backing {
+            Backing::Local(_) => None,
+            Backing::Hub { revision, .. } => revision.as_deref(),
+        }
     }
 
     pub fn contains(&self, file: &str) -> bool {
@@ -181,15 +203,16 @@ impl ModelFiles {
                 opts,
                 online,
                 meta,
+                revision,
             } => {
-                if let Some(p) = hub::cached(repo, opts, file) {
+                if let Some(p) = hub::cached(repo, opts, revision.as_deref(), file) {
                     return Ok(p);
                 }
                 if !*online {
                     return Err(self.missing(file));
                 }
                 let expected = meta.get(file).cloned().unwrap_or_default();
-                hub::download(repo, opts, file, &expected).map_err(|reason| {
+                hub::download(repo, opts, revision.as_deref(), file, &expected).map_err(|reason| {
                     WeightsError::MissingFile {
                         file: file.to_string(),
                         location: format!("hub repo {repo} (download failed: {reason})"),
@@ -320,6 +343,7 @@ impl ModelFiles {
             opts,
             online: true,
             meta,
+            revision,
         } = &self.backing
         else {
             return Ok(0);
@@ -327,7 +351,7 @@ impl ModelFiles {
         let missing: Vec<String> = self
             .needed_files()
             .into_iter()
-            .filter(|f| hub::cached(repo, opts, f).is_none())
+            .filter(|f| hub::cached(repo, opts, revision.as_deref(), f).is_none())
             .collect();
         if missing.is_empty() {
             return Ok(0);
