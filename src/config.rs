@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::flux2::Quantization;
+use crate::flux2::lora::{LoraList, LoraMode, LoraSpec, parse_specs};
 pub use crate::model_args::DEFAULT_MODEL_ID;
 use crate::model_args::ModelArgs;
 
@@ -151,6 +152,19 @@ pub struct ServeArgs {
     /// beyond it); unset: no limit.
     #[arg(long, env = "RATE_LIMIT_PER_KEY")]
     pub rate_limit_per_key: Option<NonZeroU32>,
+
+    /// LoRA adapters fused into the weights at start-up, always on:
+    /// `name=path[:scale], name=hf:owner/repo/file.safetensors[:scale]` (docs/lora.md). One that
+    /// fails to load is logged and shown in /health; the model serves without it.
+    #[arg(long, env = "LORAS", default_value = "",
+          value_parser = |s: &str| parse_specs("LORAS", s, LoraMode::Fused).map(LoraList))]
+    pub loras: LoraList,
+
+    /// LoRA adapters loaded at start-up but kept unfused; a request turns them on with
+    /// `loras: [{name, scale}]` (same syntax as LORAS; the scale part is ignored).
+    #[arg(long, env = "LORA_PRELOAD", default_value = "",
+          value_parser = |s: &str| parse_specs("LORA_PRELOAD", s, LoraMode::PerRequest).map(LoraList))]
+    pub lora_preload: LoraList,
 }
 
 /// A configured secret: never printed, not even by `Debug`.
@@ -240,6 +254,18 @@ impl ServeArgs {
     }
 
     /// The upscaler cache folder: the flag, else `~/.cache/realesrgan`.
+    /// Every configured adapter: `LORAS` (fused) then `LORA_PRELOAD` (per request). A name in
+    /// both is kept once, fused.
+    pub fn lora_specs(&self) -> Vec<LoraSpec> {
+        let mut v = self.loras.0.clone();
+        for s in &self.lora_preload.0 {
+            if !v.iter().any(|f| f.name == s.name) {
+                v.push(s.clone());
+            }
+        }
+        v
+    }
+
     pub fn upscaler_dir(&self) -> PathBuf {
         self.upscaler_weights_dir
             .clone()

@@ -55,3 +55,12 @@ const _: () = {
     assert!(MAX_SEED.checked_add(MAX_PROMPTS as u64 - 1).is_some());
     assert!(MAX_SEED.checked_add(MAX_PROMPTS as u64).is_none());
 };
+
+/// Adapters in `LORAS` and in `LORA_PRELOAD`, each.
+pub const MAX_LORAS: usize = 8;
+/// Adapters one request may turn on (`loras` field).
+pub const MAX_LORAS_PER_REQUEST: usize = 4;
+/// Bounds of a LoRA scale, in `LORAS` and per request (negative scales subtract an adapter, as
+/// diffusers' `set_adapters` allows).
+pub const LORA_SCALE_MIN: f64 = -4.0;
+pub const LORA_SCALE_MAX: f64 = 4.0;

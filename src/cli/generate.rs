@@ -94,6 +94,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         dtype,
         hf_token: args.model.token(),
         attention: args.model.attention.clone(),
+        loras: Vec::new(),
     })?;
     eprintln!(
         "attention: {}",

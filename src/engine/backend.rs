@@ -12,6 +12,8 @@ pub struct ItemParams {
     pub num_steps: u32,
     pub seed: u64,
     pub guidance_scale: f32,
+    /// Per-request LoRA adapters (preloaded names) and scales.
+    pub loras: Vec<(String, f64)>,
 }
 
 /// A failure inside the worker, by cause (the cause names the metrics label).
@@ -70,6 +72,11 @@ pub trait ImageBackend: Send + 'static {
     /// has no attention, as in tests).
     fn attention_report(&self) -> Option<crate::flux2::attention::AttentionReport> {
         None
+    }
+
+    /// Every configured LoRA adapter and whether it loaded (empty: none configured).
+    fn lora_status(&self) -> Vec<crate::flux2::lora::LoraStatus> {
+        Vec::new()
     }
 }
 

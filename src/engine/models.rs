@@ -51,6 +51,7 @@ impl ImageBackend for Flux {
             seed: item.seed,
             guidance_scale: item.guidance_scale,
             latents: None,
+            loras: item.loras.clone(),
         };
         let out = self.pipeline.generate(&params, refs, cancelled)?;
         tracing::debug!(
@@ -64,6 +65,10 @@ impl ImageBackend for Flux {
 
     fn attention_report(&self) -> Option<AttentionReport> {
         Some(self.pipeline.attention_report().clone())
+    }
+
+    fn lora_status(&self) -> Vec<crate::flux2::lora::LoraStatus> {
+        self.pipeline.lora_status().to_vec()
     }
 }
 

@@ -37,6 +37,7 @@ pub(super) fn run<B: ImageBackend, U: UpscaleBackend>(
         match catch_unwind(AssertUnwindSafe(load)) {
             Ok(Ok(b)) => {
                 state.set_attention(b.attention_report());
+                state.set_loras(b.lora_status());
                 backend = Some(b);
                 state.set_model(ModelStatus::Loaded, None);
                 tracing::info!(
