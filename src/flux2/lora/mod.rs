@@ -579,3 +579,235 @@ fn load_one(
     };
     LoraAdapter::load(&spec.name, &path, &spec.source, resolver)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> crate::flux2::transformer::Flux2TransformerConfig {
+        serde_json::from_value(serde_json::json!({
+            "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 8,
+            "num_attention_heads": 2, "joint_attention_dim": 12, "in_channels": 8,
+            "axes_dims_rope": [2, 2, 2, 2], "timestep_guidance_channels": 4
+        }))
+        .unwrap()
+    }
+
+    fn resolver() -> KeyResolver {
+        KeyResolver::new(BaseLinears::new(&cfg(), None, "test-base"))
+    }
+
+    fn t(shape: (usize, usize), seed: f32) -> Tensor {
+        let n = shape.0 * shape.1;
+        let v: Vec<f32> = (0..n).map(|i| ((i as f32 + seed) * 0.37).sin()).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn load(pairs: Vec<(&str, Tensor)>) -> Result<LoraAdapter, LoraError> {
+        let map = pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        LoraAdapter::from_tensors("a", "a.safetensors", map, &resolver())
+    }
+
+    #[test]
+    fn bfl_qkv_shares_down_and_splits_up_by_rows() {
+        let (d, r) = (16, 2);
+        let down = t((r, d), 1.0);
+        let up = t((3 * d, r), 2.0);
+        let a = load(vec![
+            (
+                "diffusion_model.double_blocks.0.txt_attn.qkv.lora_A.weight",
+                down.clone(),
+            ),
+            (
+                "diffusion_model.double_blocks.0.txt_attn.qkv.lora_B.weight",
+                up.clone(),
+            ),
+        ])
+        .unwrap();
+        assert_eq!(a.format, LoraFormat::Bfl);
+        for (i, n) in ["add_q_proj", "add_k_proj", "add_v_proj"]
+            .iter()
+            .enumerate()
+        {
+            let p = a
+                .pair(
+                    Component::Transformer,
+                    &format!("transformer_blocks.0.attn.{n}"),
+                )
+                .unwrap();
+            let want = up.narrow(0, i * d, d).unwrap();
+            let diff = (&p.up - &want).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{n}");
+            assert_eq!(p.down.dims(), down.dims());
+        }
+        assert_eq!(a.pairs.len(), 3);
+    }
+
+    #[test]
+    fn kohya_names_and_alpha_map_onto_diffusers_linears() {
+        let (d, f, r) = (16, 48, 4);
+        let a = load(vec![
+            (
+                "lora_unet_double_blocks_0_img_mlp_2.lora_down.weight",
+                t((r, f), 0.0),
+            ),
+            (
+                "lora_unet_double_blocks_0_img_mlp_2.lora_up.weight",
+                t((d, r), 1.0),
+            ),
+            (
+                "lora_unet_double_blocks_0_img_mlp_2.alpha",
+                Tensor::new(2f32, &Device::Cpu).unwrap(),
+            ),
+            (
+                "lora_unet_single_blocks_0_linear1.lora_down.weight",
+                t((r, d), 2.0),
+            ),
+            (
+                "lora_unet_single_blocks_0_linear1.lora_up.weight",
+                t((3 * d + 2 * f, r), 3.0),
+            ),
+        ])
+        .unwrap();
+        assert_eq!(a.format, LoraFormat::Kohya);
+        let p = a
+            .pair(Component::Transformer, "transformer_blocks.0.ff.linear_out")
+            .unwrap();
+        assert_eq!(p.alpha_over_rank, 0.5);
+        let p = a
+            .pair(
+                Component::Transformer,
+                "single_transformer_blocks.0.attn.to_qkv_mlp_proj",
+            )
+            .unwrap();
+        assert_eq!(p.alpha_over_rank, 1.0, "no alpha: alpha = rank");
+    }
+
+    #[test]
+    fn bfl_final_layer_up_rows_are_swapped_like_the_weight() {
+        let (d, r) = (16, 2);
+        let up = t((2 * d, r), 5.0);
+        let a = load(vec![
+            (
+                "diffusion_model.final_layer.adaLN_modulation.1.lora_A.weight",
+                t((r, d), 4.0),
+            ),
+            (
+                "diffusion_model.final_layer.adaLN_modulation.1.lora_B.weight",
+                up.clone(),
+            ),
+        ])
+        .unwrap();
+        let p = a.pair(Component::Transformer, "norm_out.linear").unwrap();
+        let want = Tensor::cat(
+            &[up.narrow(0, d, d).unwrap(), up.narrow(0, 0, d).unwrap()],
+            0,
+        )
+        .unwrap();
+        let diff = (&p.up - &want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn errors_name_the_first_bad_key_and_the_base_model() {
+        let (d, r) = (16, 2);
+        let e = load(vec![
+            (
+                "transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+                t((r, d), 0.0),
+            ),
+            (
+                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight",
+                t((d, r), 0.0),
+            ),
+            (
+                "transformer.transformer_blocks.0.attn.to_zz.lora_A.weight",
+                t((r, d), 0.0),
+            ),
+            (
+                "transformer.transformer_blocks.0.attn.to_zz.lora_B.weight",
+                t((d, r), 0.0),
+            ),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("key 'transformer.transformer_blocks.0.attn.to_zz.lora_A.weight'")
+                && e.contains("not a Linear of the base transformer (test-base)"),
+            "{e}"
+        );
+        let e = load(vec![
+            ("transformer.proj_out.lora_A.weight", t((r, d), 0.0)),
+            ("transformer.proj_out.lora_B.weight", t((3, r), 0.0)),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("key 'transformer.proj_out.lora_B.weight'")
+                && e.contains("shape [3, 2], expected [8, rank] for transformer proj_out")
+                && e.contains("test-base"),
+            "{e}"
+        );
+        let e = load(vec![("transformer.proj_out.lora_A.weight", t((r, d), 0.0))])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("needs both a down (lora_A) and an up (lora_B)"),
+            "{e}"
+        );
+        let e = load(vec![("some.other.tensor", t((1, 1), 0.0))])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("key 'some.other.tensor': not a LoRA tensor"),
+            "{e}"
+        );
+        let e = load(vec![(
+            "lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight",
+            t((r, d), 0.0),
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("lora_unet_double_blocks_7_img_attn_qkv is not a Linear"),
+            "{e}"
+        );
+        let e = load(vec![
+            (
+                "text_encoder.model.layers.0.mlp.up_proj.lora_A.weight",
+                t((r, d), 0.0),
+            ),
+            (
+                "text_encoder.model.layers.0.mlp.up_proj.lora_B.weight",
+                t((d, r), 0.0),
+            ),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("no text encoder config"), "{e}");
+    }
+
+    #[test]
+    fn side_path_is_off_unless_activated_and_the_guard_turns_it_off() {
+        let active = ActiveLoras::new(2);
+        let pair = LoraPair {
+            down: t((2, 4), 0.0),
+            up: t((3, 2), 1.0),
+            alpha_over_rank: 0.5,
+        };
+        let side = SideLora::new(1, &pair, DType::F32, &Device::Cpu, active.clone()).unwrap();
+        let x = t((5, 4), 2.0);
+        assert!(side.forward(&x).unwrap().is_none());
+        {
+            let _g = active.activate(&[(1, 2.0)]);
+            let y = side.forward(&x).unwrap().unwrap();
+            let delta = pair.delta(2.0, &Device::Cpu).unwrap();
+            let want = x.matmul(&delta.t().unwrap()).unwrap();
+            let diff = (&y - &want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+            assert!(active.any_active());
+        }
+        assert!(!active.any_active());
+        assert!(side.forward(&x).unwrap().is_none());
+    }
+}
