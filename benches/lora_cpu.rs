@@ -88,7 +88,11 @@ fn main() {
             attached += 1;
         }
     }
-    assert_eq!(attached, base.transformer.len(), "every Linear carries the adapter");
+    assert_eq!(
+        attached,
+        base.transformer.len(),
+        "every Linear carries the adapter"
+    );
 
     let n = grid * grid;
     let x = Tensor::randn(0f32, 1.0, (1, n, 128), &dev).unwrap();

@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use image::RgbImage;
 
 use super::Quantization;

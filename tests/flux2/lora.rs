@@ -334,7 +334,7 @@ fn fused_lora_on_a_bfl_fp8_file_requantises_only_the_targeted_linears() {
             .get_with_hints_dtype(
                 (d, d),
                 &format!("{name}.weight#fp8"),
-                Default::default(),
+                candle_nn::Init::Const(0.),
                 DType::F8E4M3,
             )
             .unwrap();
@@ -342,7 +342,7 @@ fn fused_lora_on_a_bfl_fp8_file_requantises_only_the_targeted_linears() {
             .get_with_hints_dtype(
                 (d, 1),
                 &format!("{name}.weight#fp8_scale"),
-                Default::default(),
+                candle_nn::Init::Const(0.),
                 DType::F32,
             )
             .unwrap();

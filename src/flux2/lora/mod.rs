@@ -241,16 +241,17 @@ impl LoraAdapter {
                         ),
                     ));
                 }
-                let up_rows = match t.rows {
-                    UpRows::All => up.clone(),
-                    UpRows::Chunk { index, .. } => up.narrow(0, index * out, out),
-                    UpRows::SwapHalves => {
-                        let h = out / 2;
-                        Tensor::cat(&[up.narrow(0, h, h)?, up.narrow(0, 0, h)?], 0)
+                let select = || -> candle_core::Result<Tensor> {
+                    match t.rows {
+                        UpRows::All => Ok(up.clone()),
+                        UpRows::Chunk { index, .. } => up.narrow(0, index * out, out)?.contiguous(),
+                        UpRows::SwapHalves => {
+                            let h = out / 2;
+                            Tensor::cat(&[up.narrow(0, h, h)?, up.narrow(0, 0, h)?], 0)
+                        }
                     }
-                }
-                .and_then(|t| t.contiguous())
-                .map_err(|e| bad(up_key, e.to_string()))?;
+                };
+                let up_rows = select().map_err(|e| bad(up_key, e.to_string()))?;
                 let pair = LoraPair {
                     down: down.clone(),
                     up: up_rows,
