@@ -329,6 +329,42 @@ mod tests {
     }
 
     #[test]
+    fn lora_settings_parse_and_a_name_in_both_is_fused_once() {
+        let args = ServeArgs::try_parse_from([
+            "--loras",
+            "a=/x/a.safetensors:0.5, b=hf:o/r/b.safetensors",
+            "--lora-preload",
+            "c=/x/c.safetensors,a=/x/other.safetensors",
+        ])
+        .unwrap();
+        let specs = args.lora_specs();
+        let names: Vec<(&str, LoraMode)> =
+            specs.iter().map(|s| (s.name.as_str(), s.mode)).collect();
+        assert_eq!(
+            names,
+            [
+                ("a", LoraMode::Fused),
+                ("b", LoraMode::Fused),
+                ("c", LoraMode::PerRequest)
+            ]
+        );
+        assert_eq!(specs[0].scale, 0.5);
+        assert!(
+            ServeArgs::try_parse_from(Vec::<String>::new())
+                .unwrap()
+                .lora_specs()
+                .is_empty()
+        );
+        let err = ServeArgs::try_parse_from(["--loras", "a=x:7"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("LORAS: adapter 'a' scale 7 is outside -4..=4"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn preload_follows_the_original_rule() {
         for (v, want) in [
             ("false", false),

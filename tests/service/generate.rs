@@ -368,15 +368,28 @@ async fn lora_adapters_are_listed_selected_per_request_and_bad_ones_do_not_stop_
     };
     for bad in ["broken", "nope"] {
         let resp = s
-            .post("/generate", body("x.png", json!([{"name": bad, "scale": 0.5}])))
+            .post(
+                "/generate",
+                body("x.png", json!([{"name": bad, "scale": 0.5}])),
+            )
             .await;
         assert_eq!(resp.status(), 422, "{bad}");
         let v: Value = resp.json().await.unwrap();
-        assert_eq!(v["detail"][0]["loc"], json!(["body", "loras", 0, "name"]), "{v}");
-        assert!(v["detail"][0]["msg"].as_str().unwrap().contains("[ink]"), "{v}");
+        assert_eq!(
+            v["detail"][0]["loc"],
+            json!(["body", "loras", 0, "name"]),
+            "{v}"
+        );
+        assert!(
+            v["detail"][0]["msg"].as_str().unwrap().contains("[ink]"),
+            "{v}"
+        );
     }
     let resp = s
-        .post("/generate", body("x.png", json!([{"name": "ink", "scale": 9}])))
+        .post(
+            "/generate",
+            body("x.png", json!([{"name": "ink", "scale": 9}])),
+        )
         .await;
     assert_eq!(resp.status(), 422);
 
@@ -392,5 +405,8 @@ async fn lora_adapters_are_listed_selected_per_request_and_bad_ones_do_not_stop_
         images.push(image::load_from_memory(&bytes).unwrap().to_rgb8());
     }
     assert_ne!(images[0], images[1], "the adapter changed nothing");
-    assert_eq!(images[0], images[2], "the adapter leaked into the next request");
+    assert_eq!(
+        images[0], images[2],
+        "the adapter leaked into the next request"
+    );
 }
