@@ -82,6 +82,7 @@ pub fn flux_loader(args: &ServeArgs, device: &Device) -> Option<BackendLoader<Fl
         dtype: args.model.resolved_dtype(device),
         hf_token: args.token(),
         attention: args.model.attention.clone(),
+        loras: args.lora_specs(),
     };
     Some(Box::new(move || {
         tracing::info!(
