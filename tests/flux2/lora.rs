@@ -262,7 +262,11 @@ fn per_request_side_path_matches_diffusers_and_leaves_other_requests_alone() {
         assert_image_matches(&out.image, &reference_png(fmt), &format!("side path {fmt}"));
         // the next request, without adapters, is the base model again
         let plain = p.generate(&t2i_params(vec![]), None, &never).unwrap();
-        assert_image_matches(&plain.image, &base_png(), "after {fmt}: no adapter");
+        assert_image_matches(
+            &plain.image,
+            &base_png(),
+            &format!("after {fmt}: no adapter"),
+        );
     }
     let err = p
         .generate(&t2i_params(vec![("nope".into(), 1.0)]), None, &never)
