@@ -131,6 +131,18 @@ fixtures-flux2-dit: parity-venv fixtures-flux2-text
 
 fixtures: fixtures-flux2-dit
 
+.PHONY: bench-lora
+bench-lora: ## per-step cost of the per-request LoRA side path on CPU (LORA_BENCH_RANK, LORA_BENCH_ROUNDS)
+	$(CARGO) bench --bench lora_cpu
+
+.PHONY: fixtures-flux2-lora
+# LoRA parity fixtures (tests/fixtures/flux2/lora, docs/lora.md): a tiny random LoRA per key layout
+# through diffusers' load_lora_weights / set_adapters / fuse_lora.
+fixtures-flux2-lora: parity-venv
+	$(PARITY_VENV)/bin/python scripts/parity/make_lora_fixtures.py
+
+fixtures: fixtures-flux2-lora
+
 .PHONY: fixtures-flux2-bf16
 # bf16 numerics fixtures (tests/fixtures/flux2/bf16, docs/numerics.md): diffusers in f32 and bf16
 # on the committed tiny model; reads the f32 fixtures, never rewrites them.

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::flux2::Quantization;
+use crate::flux2::lora::{LoraList, LoraMode, LoraSpec, parse_specs};
 pub use crate::model_args::DEFAULT_MODEL_ID;
 use crate::model_args::ModelArgs;
 
@@ -167,6 +168,19 @@ pub struct ServeArgs {
     /// beyond it); unset: no limit.
     #[arg(long, env = "RATE_LIMIT_PER_KEY")]
     pub rate_limit_per_key: Option<NonZeroU32>,
+
+    /// LoRA adapters fused into the weights at start-up, always on:
+    /// `name=path[:scale], name=hf:owner/repo/file.safetensors[:scale]` (docs/lora.md). One that
+    /// fails to load is logged and shown in /health; the model serves without it.
+    #[arg(long, env = "LORAS", default_value = "",
+          value_parser = |s: &str| parse_specs("LORAS", s, LoraMode::Fused).map(LoraList))]
+    pub loras: LoraList,
+
+    /// LoRA adapters loaded at start-up but kept unfused; a request turns them on with
+    /// `loras: [{name, scale}]` (same syntax as LORAS; the scale part is ignored).
+    #[arg(long, env = "LORA_PRELOAD", default_value = "",
+          value_parser = |s: &str| parse_specs("LORA_PRELOAD", s, LoraMode::PerRequest).map(LoraList))]
+    pub lora_preload: LoraList,
 }
 
 /// A configured secret: never printed, not even by `Debug`.
@@ -260,6 +274,18 @@ impl ServeArgs {
     }
 
     /// The upscaler cache folder: the flag, else `~/.cache/realesrgan`.
+    /// Every configured adapter: `LORAS` (fused) then `LORA_PRELOAD` (per request). A name in
+    /// both is kept once, fused.
+    pub fn lora_specs(&self) -> Vec<LoraSpec> {
+        let mut v = self.loras.0.clone();
+        for s in &self.lora_preload.0 {
+            if !v.iter().any(|f| f.name == s.name) {
+                v.push(s.clone());
+            }
+        }
+        v
+    }
+
     pub fn upscaler_dir(&self) -> PathBuf {
         self.upscaler_weights_dir
             .clone()
@@ -320,6 +346,42 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("none, fp8, int8"), "{text}");
+    }
+
+    #[test]
+    fn lora_settings_parse_and_a_name_in_both_is_fused_once() {
+        let args = ServeArgs::try_parse_from([
+            "--loras",
+            "a=/x/a.safetensors:0.5, b=hf:o/r/b.safetensors",
+            "--lora-preload",
+            "c=/x/c.safetensors,a=/x/other.safetensors",
+        ])
+        .unwrap();
+        let specs = args.lora_specs();
+        let names: Vec<(&str, LoraMode)> =
+            specs.iter().map(|s| (s.name.as_str(), s.mode)).collect();
+        assert_eq!(
+            names,
+            [
+                ("a", LoraMode::Fused),
+                ("b", LoraMode::Fused),
+                ("c", LoraMode::PerRequest)
+            ]
+        );
+        assert_eq!(specs[0].scale, 0.5);
+        assert!(
+            ServeArgs::try_parse_from(Vec::<String>::new())
+                .unwrap()
+                .lora_specs()
+                .is_empty()
+        );
+        let err = ServeArgs::try_parse_from(["--loras", "a=x:7"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("LORAS: adapter 'a' scale 7 is outside -4..=4"),
+            "{err}"
+        );
     }
 
     #[test]

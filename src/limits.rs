@@ -77,3 +77,12 @@ const _: () = {
     // One attempt fits inside the whole upload's deadline.
     assert!(DEFAULT_UPLOAD_TIMEOUT_SECS <= DEFAULT_UPLOAD_DEADLINE_SECS);
 };
+
+/// Adapters in `LORAS` and in `LORA_PRELOAD`, each.
+pub const MAX_LORAS: usize = 8;
+/// Adapters one request may turn on (`loras` field).
+pub const MAX_LORAS_PER_REQUEST: usize = 4;
+/// Bounds of a LoRA scale, in `LORAS` and per request (negative scales subtract an adapter, as
+/// diffusers' `set_adapters` allows).
+pub const LORA_SCALE_MIN: f64 = -4.0;
+pub const LORA_SCALE_MAX: f64 = 4.0;

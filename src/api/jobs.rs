@@ -15,12 +15,14 @@ use super::AppState;
 use super::errors::ApiError;
 use super::schemas::{
     GenerateRequest, GenerateResponse, GenerateResult, ReferenceImage, UpscaleRequest,
-    UpscaleResponse,
+    UpscaleResponse, ValidationDetail,
 };
 use crate::engine::{
     CancelFlag, EngineError, GenerateJob, GeneratedItem, ItemParams, JobKind, UpscaleJob,
 };
+use crate::flux2::lora::LoraMode;
 use crate::io::{self, OutputFormat, ssrf::redact};
+use serde_json::json;
 
 fn ms(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
@@ -146,6 +148,43 @@ async fn encode_and_upload(
     Ok(ms(started))
 }
 
+/// 422 unless every `loras` name is a per-request adapter that loaded (listed by /health). The
+/// worker checks again, so a stale state can only turn into a per-item error, never a wrong
+/// image.
+pub fn check_loras(app: &AppState, req: &GenerateRequest) -> Result<(), ApiError> {
+    let state = app.engine.state();
+    let errors: Vec<ValidationDetail> = req
+        .loras
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| !state.per_request_lora(&l.name))
+        .map(|(i, l)| {
+            let known: Vec<String> = state
+                .loras()
+                .into_iter()
+                .filter(|s| s.status == "loaded" && s.mode == LoraMode::PerRequest)
+                .map(|s| s.name)
+                .collect();
+            ValidationDetail {
+                kind: "value_error".into(),
+                loc: vec![json!("body"), json!("loras"), json!(i), json!("name")],
+                msg: format!(
+                    "Value error, unknown LoRA adapter '{}': per-request adapters are [{}]",
+                    l.name,
+                    known.join(", ")
+                ),
+                input: json!(l.name),
+                ctx: Some(json!({"error": {}})),
+            }
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Validation(errors))
+    }
+}
+
 /// Batch generation: item i uses seed + i; each item fails or succeeds on its own.
 ///
 /// Order: refuse early what cannot run (draining, no model, device lost), fetch references in
@@ -195,6 +234,11 @@ pub async fn generate(
             num_steps: req.num_steps,
             seed: base_seed + i as u64,
             guidance_scale: req.guidance_scale as f32,
+            loras: req
+                .loras
+                .iter()
+                .map(|l| (l.name.clone(), l.scale))
+                .collect(),
         })
         .collect();
     let cancel = CancelFlag::default();

@@ -9,8 +9,9 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use super::routes;
 use super::schemas::{
-    ErrorBody, GenerateRequest, GenerateResponse, GenerateResult, HealthResponse, ReferenceImage,
-    RootResponse, UpscaleRequest, UpscaleResponse, ValidationDetail, ValidationErrorBody,
+    ErrorBody, GenerateRequest, GenerateResponse, GenerateResult, HealthResponse, LoraRef,
+    ReferenceImage, RootResponse, UpscaleRequest, UpscaleResponse, ValidationDetail,
+    ValidationErrorBody,
 };
 
 #[derive(OpenApi)]
@@ -32,6 +33,7 @@ use super::schemas::{
     components(schemas(
         GenerateRequest,
         ReferenceImage,
+        LoraRef,
         GenerateResponse,
         GenerateResult,
         UpscaleRequest,
@@ -135,6 +137,16 @@ impl Limits {
                 }),
             ),
             (
+                "GenerateRequest",
+                "loras",
+                json!({"maxItems": MAX_LORAS_PER_REQUEST, "default": []}),
+            ),
+            (
+                "LoraRef",
+                "scale",
+                json!({"minimum": LORA_SCALE_MIN, "maximum": LORA_SCALE_MAX, "default": 1.0}),
+            ),
+            (
                 "UpscaleRequest",
                 "scale",
                 json!({"enum": UPSCALE_FACTORS, "default": DEFAULT_UPSCALE_SCALE}),
@@ -181,6 +193,15 @@ mod tests {
     fn schema_carries_the_limits_and_the_version() {
         let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
         assert_eq!(doc["info"]["version"], limits::VERSION);
+        let loras = property(&doc, "GenerateRequest", "loras");
+        assert_eq!(loras["maxItems"], json!(limits::MAX_LORAS_PER_REQUEST));
+        assert_eq!(
+            loras["items"]["$ref"],
+            json!("#/components/schemas/LoraRef")
+        );
+        let scale = property(&doc, "LoraRef", "scale");
+        assert_eq!(scale["minimum"], json!(limits::LORA_SCALE_MIN));
+        assert_eq!(scale["maximum"], json!(limits::LORA_SCALE_MAX));
         let width = property(&doc, "GenerateRequest", "width");
         assert_eq!(width["minimum"], json!(limits::MIN_SIZE));
         assert_eq!(width["maximum"], json!(limits::MAX_SIZE));

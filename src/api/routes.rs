@@ -67,6 +67,7 @@ pub async fn health(State(app): State<Arc<AppState>>) -> Json<HealthResponse> {
         queue_capacity: state.queue_capacity(),
         error: state.model_error(),
         attention: state.attention(),
+        loras: state.loras(),
         auth: app.auth.mode().as_str().into(),
         warnings: app.warnings.clone(),
     })
@@ -161,7 +162,7 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         (status = 200, description = "Per-item results (success=false items carry an error)", body = GenerateResponse),
         (status = 401, description = "Missing or wrong API key (when keys are configured); WWW-Authenticate: Bearer", body = ErrorBody),
         (status = 429, description = "Per-key rate limit (RATE_LIMIT_PER_KEY) exceeded; Retry-After", body = ErrorBody),
-        (status = 422, description = "Invalid body", body = ValidationErrorBody),
+        (status = 422, description = "Invalid body, or a `loras` name that is not a loaded per-request adapter", body = ValidationErrorBody),
         (status = 503, description = "Model not loaded, device lost, download stage or queue full (all with Retry-After)", body = ErrorBody),
     )
 )]
@@ -169,6 +170,7 @@ pub async fn generate(
     State(app): State<Arc<AppState>>,
     Validated(req): Validated<GenerateRequest>,
 ) -> Result<Json<GenerateResponse>, ApiError> {
+    jobs::check_loras(&app, &req)?;
     Ok(Json(jobs::generate(app, req).await?))
 }
 

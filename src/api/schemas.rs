@@ -39,6 +39,19 @@ pub struct GenerateRequest {
     pub upscale: Option<u32>,
     #[schema(value_type = String, example = "png")]
     pub output_format: OutputFormat,
+    /// LoRA adapters preloaded at start-up (`LORA_PRELOAD`) to apply to this request, each with
+    /// its scale; default none. An unknown name is a 422. Adapters fused at start-up (`LORAS`)
+    /// are always on and cannot be named here.
+    pub loras: Vec<LoraRef>,
+}
+
+/// One per-request LoRA adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct LoraRef {
+    /// Name given in `LORA_PRELOAD` (listed by /health under `loras`).
+    pub name: String,
+    /// Strength; 1.0 when absent. Negative values subtract the adapter.
+    pub scale: f64,
 }
 
 /// `POST /upscale` body.
@@ -161,6 +174,11 @@ pub struct HealthResponse {
     /// Attention backend the DiT uses and each candidate's load-time self-check (ok, time,
     /// max error, why not used); absent until the model has loaded.
     pub attention: Option<crate::flux2::attention::AttentionReport>,
+    /// Configured LoRA adapters (`LORAS` fused, `LORA_PRELOAD` per request): name, source, mode,
+    /// `loaded` or `failed` with the error; empty until the model has loaded.
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub loras: Vec<crate::flux2::lora::LoraStatus>,
     /// Access control: `none` (open: no API key configured) or `api_key`.
     pub auth: String,
     /// Operator warnings, e.g. a CPU-only binary on a machine with a GPU it cannot use.

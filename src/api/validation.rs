@@ -7,13 +7,14 @@
 
 use serde_json::{Map, Value, json};
 
-use super::schemas::{GenerateRequest, ReferenceImage, UpscaleRequest, ValidationDetail};
+use super::schemas::{GenerateRequest, LoraRef, ReferenceImage, UpscaleRequest, ValidationDetail};
 use crate::io::OutputFormat;
 use crate::limits::{
     DEFAULT_GUIDANCE, DEFAULT_REFERENCE_WEIGHT, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_UPSCALE_SCALE,
     MAX_GUIDANCE, MAX_PROMPTS, MAX_REFERENCE_WEIGHT, MAX_REFERENCES, MAX_SEED, MAX_SIZE, MAX_STEPS,
     MIN_SIZE, MIN_STEPS, UPSCALE_FACTORS,
 };
+use crate::limits::{LORA_SCALE_MAX, LORA_SCALE_MIN, MAX_LORAS_PER_REQUEST};
 
 /// A request body that validates itself (the [`super::extract::Validated`] extractor uses it).
 pub trait Validate: Sized {
@@ -425,11 +426,26 @@ pub fn parse_generate(body: &[u8]) -> Result<GenerateRequest, Vec<ValidationDeta
         None => Some(OutputFormat::Png),
         Some(v) => c.output_format(v, loc(&root, "output_format")),
     };
+    let loras = match field("loras") {
+        None | Some(Value::Null) => Some(Vec::new()),
+        Some(v) => {
+            let at = loc(&root, "loras");
+            c.list(v, &at, 0, MAX_LORAS_PER_REQUEST).map(|items| {
+                items
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, item)| lora_ref(&mut c, item, loc(&at, i)))
+                    .collect::<Vec<_>>()
+            })
+        }
+    };
 
     if !c.errors.is_empty() {
         return Err(c.errors);
     }
-    let (Some(prompts), Some(upload_urls), Some(images)) = (prompts, upload_urls, images) else {
+    let (Some(prompts), Some(upload_urls), Some(images), Some(loras)) =
+        (prompts, upload_urls, images, loras)
+    else {
         unreachable!("every None pushed an error")
     };
     if prompts.len() != upload_urls.len() {
@@ -452,6 +468,35 @@ pub fn parse_generate(body: &[u8]) -> Result<GenerateRequest, Vec<ValidationDeta
         seed: seed.flatten(),
         upscale: upscale.flatten(),
         output_format: output_format.unwrap_or_default(),
+        loras,
+    })
+}
+
+fn lora_ref(c: &mut Checker, item: &Value, at: Loc) -> Option<LoraRef> {
+    let Value::Object(map) = item else {
+        c.push(
+            "model_type",
+            at,
+            "Input should be a valid dictionary or instance of LoraRef",
+            item,
+            Some(json!({"class_name": "LoraRef"})),
+        );
+        return None;
+    };
+    let name = match map.get("name") {
+        Some(v) => c.string(v, loc(&at, "name")),
+        None => {
+            c.missing(loc(&at, "name"), item);
+            None
+        }
+    };
+    let scale = match map.get("scale") {
+        None => Some(1.0),
+        Some(v) => c.float_in(v, loc(&at, "scale"), LORA_SCALE_MIN, LORA_SCALE_MAX),
+    };
+    Some(LoraRef {
+        name: name?,
+        scale: scale?,
     })
 }
 

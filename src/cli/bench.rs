@@ -238,6 +238,7 @@ fn load_pipeline(args: &BenchArgs, device: &Device, dtype: DType) -> anyhow::Res
         dtype,
         hf_token: args.model.token(),
         attention: args.model.attention.clone(),
+        loras: Vec::new(),
     };
     let Some(spec) = &args.random_weights else {
         return Ok((Flux2Pipeline::load(&opts)?, None));
@@ -424,6 +425,7 @@ fn gen_params(args: &BenchArgs, w: u32, h: u32) -> GenerateParams {
         seed: args.seed,
         guidance_scale: 1.0,
         latents: None,
+        loras: Vec::new(),
     }
 }
 

@@ -94,6 +94,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         dtype,
         hf_token: args.model.token(),
         attention: args.model.attention.clone(),
+        loras: Vec::new(),
     })?;
     eprintln!(
         "attention: {}",
@@ -121,6 +122,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         seed,
         guidance_scale: args.guidance,
         latents,
+        loras: Vec::new(),
     };
     // The pipeline asks "cancelled?" once before each denoising step: the CLI counts steps there.
     let steps = u64::from(args.steps);

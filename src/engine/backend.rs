@@ -14,6 +14,8 @@ pub struct ItemParams {
     pub num_steps: u32,
     pub seed: u64,
     pub guidance_scale: f32,
+    /// Per-request LoRA adapters (preloaded names) and scales.
+    pub loras: Vec<(String, f64)>,
 }
 
 /// A failure inside the worker, by cause. The cause decides what the service does (retry
@@ -99,6 +101,11 @@ pub trait ImageBackend: Send + 'static {
     /// The model revision (hub commit) the weights were read at, for /health.
     fn model_revision(&self) -> Option<String> {
         None
+    }
+
+    /// Every configured LoRA adapter and whether it loaded (empty: none configured).
+    fn lora_status(&self) -> Vec<crate::flux2::lora::LoraStatus> {
+        Vec::new()
     }
 }
 

@@ -38,6 +38,8 @@ pub struct EngineState {
     model_error: Mutex<Option<String>>,
     /// Set once the model has loaded.
     attention: Mutex<Option<AttentionReport>>,
+    /// Configured LoRA adapters and their load outcome; set once the model has loaded.
+    loras: Mutex<Vec<crate::flux2::lora::LoraStatus>>,
     waiting: AtomicUsize,
     capacity: usize,
     busy: AtomicBool,
@@ -56,6 +58,7 @@ impl EngineState {
             model: AtomicU8::new(ModelStatus::NotLoaded as u8),
             model_error: Mutex::new(None),
             attention: Mutex::new(None),
+            loras: Mutex::new(Vec::new()),
             waiting: AtomicUsize::new(0),
             capacity,
             busy: AtomicBool::new(false),
@@ -110,6 +113,28 @@ impl EngineState {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    fn set_loras(&self, loras: Vec<crate::flux2::lora::LoraStatus>) {
+        *self.loras.lock().unwrap_or_else(|p| p.into_inner()) = loras;
+    }
+
+    /// Configured LoRA adapters and whether each loaded (empty before the model has loaded).
+    pub fn loras(&self) -> Vec<crate::flux2::lora::LoraStatus> {
+        self.loras.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether a request may name `name` in `loras`: a per-request adapter that loaded.
+    pub fn per_request_lora(&self, name: &str) -> bool {
+        self.loras
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|l| {
+                l.name == name
+                    && l.status == "loaded"
+                    && l.mode == crate::flux2::lora::LoraMode::PerRequest
+            })
     }
 
     /// Jobs admitted and not yet taken by the worker.

@@ -52,6 +52,7 @@ impl ImageBackend for Flux {
             seed: item.seed,
             guidance_scale: item.guidance_scale,
             latents: None,
+            loras: item.loras.clone(),
         };
         let out = self.pipeline.generate(&params, refs, cancelled)?;
         tracing::debug!(
@@ -70,6 +71,10 @@ impl ImageBackend for Flux {
     fn model_revision(&self) -> Option<String> {
         self.pipeline.revision().map(str::to_string)
     }
+
+    fn lora_status(&self) -> Vec<crate::flux2::lora::LoraStatus> {
+        self.pipeline.lora_status().to_vec()
+    }
 }
 
 /// Loads the configured model on the worker thread (the token is passed, never logged).
@@ -82,6 +87,7 @@ pub fn flux_loader(args: &ServeArgs, device: &Device) -> Option<BackendLoader<Fl
         dtype: args.model.resolved_dtype(device),
         hf_token: args.token(),
         attention: args.model.attention.clone(),
+        loras: args.lora_specs(),
     };
     Some(Box::new(move || {
         tracing::info!(

@@ -40,6 +40,7 @@ pub(super) fn run<B: ImageBackend, U: UpscaleBackend, M: DeviceMemory>(
             Ok(Ok(b)) => {
                 state.set_attention(b.attention_report());
                 state.set_revision(b.model_revision());
+                state.set_loras(b.lora_status());
                 backend = Some(b);
                 state.set_model(ModelStatus::Loaded, None);
                 tracing::info!(

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod config;
 mod layers;
+pub mod lora;
 pub mod pipeline;
 pub mod quant;
 pub mod reference;

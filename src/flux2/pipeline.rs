@@ -1,16 +1,22 @@
 //! `Flux2Pipeline`: text-to-image and multi-reference generation with FLUX.2 [klein], step for
 //! step what diffusers' `Flux2KleinPipeline` does (see flux2-klein.md §5).
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use image::RgbImage;
 
 use super::Quantization;
 use super::attention::{
     AttentionChoice, AttentionError, AttentionReport, CheckPlan, compiled_backends,
     model_check_shapes, select,
+};
+use super::lora::{
+    self, ActiveLoras, BaseLinears, Component, KeyResolver, LoraMode, LoraSpec, LoraStatus,
+    SideLora,
 };
 use super::reference::{self, ReferenceError};
 use super::rng;
@@ -96,6 +102,9 @@ pub struct LoadOptions {
     pub hf_token: Option<String>,
     /// Attention backend (`ATTENTION`): `auto` self-checks the compiled fused backends at load.
     pub attention: AttentionChoice,
+    /// LoRA adapters: fused at load (`LORAS`) or kept for per-request use (`LORA_PRELOAD`).
+    /// One that fails to load is reported in [`Flux2Pipeline::lora_status`], not an error.
+    pub loras: Vec<LoraSpec>,
 }
 
 /// One generation request.
@@ -113,6 +122,8 @@ pub struct GenerateParams {
     pub guidance_scale: f32,
     /// Replaces the seeded noise: [1, 128, H/16, W/16], the layout diffusers' `latents=` takes.
     pub latents: Option<Tensor>,
+    /// Per-request adapters (`LORA_PRELOAD` names) and their scales; empty: none.
+    pub loras: Vec<(String, f64)>,
 }
 
 /// Reference images encoded once (VAE mean, normalised, packed), reusable across prompts.
@@ -172,6 +183,12 @@ pub struct Flux2Pipeline {
     /// Embeddings of the empty prompt, CFG's negative: the same for every request, so encoded
     /// once, on first use.
     empty_prompt: OnceLock<Tensor>,
+    /// What became of each configured adapter.
+    lora_status: Vec<LoraStatus>,
+    /// Per-request adapter name -> side-path slot.
+    lora_slots: HashMap<String, usize>,
+    /// Scales of the side-path adapters during a job.
+    active_loras: ActiveLoras,
 }
 
 /// Width or height after flooring to a multiple of `multiple` (diffusers resizes silently).
@@ -259,8 +276,41 @@ impl Flux2Pipeline {
             }
         }
         let vcfg: AutoencoderKLFlux2Config = files.read_json("vae/config.json")?;
-        let text =
-            PromptEncoder::load_quantized(files, dtype, &device, opts.text_encoder_quantization)?;
+        let te_cfg = files.text_encoder_config().ok();
+        let resolver = KeyResolver::new(BaseLinears::new(
+            &tcfg,
+            te_cfg.as_ref(),
+            format!(
+                "{}: transformer D={} with {} double / {} single blocks",
+                files.id(),
+                tcfg.inner_dim(),
+                tcfg.num_layers,
+                tcfg.num_single_layers
+            ),
+        ));
+        let (loaded, lora_status) = lora::load_all(&opts.loras, &resolver, opts.hf_token.clone());
+        let fused: Vec<_> = loaded
+            .iter()
+            .filter(|(s, _)| s.mode == LoraMode::Fused)
+            .map(|(s, a)| (a.clone(), s.scale))
+            .collect();
+        let fuse = |component: Component| {
+            let list = fused.clone();
+            move |vb: VarBuilder<'static>| {
+                if list.is_empty() {
+                    vb
+                } else {
+                    lora::fused_var_builder(vb, component, list.clone())
+                }
+            }
+        };
+        let text = PromptEncoder::load_wrapped(
+            files,
+            dtype,
+            &device,
+            opts.text_encoder_quantization,
+            &fuse(Component::TextEncoder),
+        )?;
         if text.output_dim() != tcfg.joint_attention_dim {
             return Err(WeightsError::BadFile {
                 file: "transformer/config.json".into(),
@@ -273,7 +323,29 @@ impl Flux2Pipeline {
             .into());
         }
         let (tvb, _format) = files.transformer_var_builder(dtype, &device)?;
+        let tvb = fuse(Component::Transformer)(tvb);
         let mut transformer = Flux2Transformer2DModel::new(&tcfg, tvb, opts.quantization)?;
+        let per_request: Vec<_> = loaded
+            .iter()
+            .filter(|(s, _)| s.mode == LoraMode::PerRequest)
+            .map(|(_, a)| a.clone())
+            .collect();
+        let active_loras = ActiveLoras::new(per_request.len());
+        let mut lora_slots = HashMap::new();
+        for (slot, adapter) in per_request.iter().enumerate() {
+            for (name, linear) in transformer.linears_mut() {
+                if let Some(pair) = adapter.pair(Component::Transformer, &name) {
+                    linear.push_side_lora(SideLora::new(
+                        slot,
+                        pair,
+                        dtype,
+                        &device,
+                        active_loras.clone(),
+                    )?);
+                }
+            }
+            lora_slots.insert(adapter.name.clone(), slot);
+        }
         let plan = CheckPlan {
             shapes: model_check_shapes(
                 tcfg.num_attention_heads,
@@ -311,7 +383,58 @@ impl Flux2Pipeline {
             device,
             dtype,
             empty_prompt: OnceLock::new(),
+            lora_status,
+            lora_slots,
+            active_loras,
         })
+    }
+
+    /// Every configured adapter and whether it loaded (for /health).
+    pub fn lora_status(&self) -> &[LoraStatus] {
+        &self.lora_status
+    }
+
+    /// Names a request may put in `loras` (the per-request adapters that loaded).
+    pub fn per_request_loras(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lora_slots.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Checks `loras` and maps it to side-path slots.
+    fn lora_slots_for(&self, loras: &[(String, f64)]) -> Result<Vec<(usize, f64)>, Flux2Error> {
+        use crate::limits::{LORA_SCALE_MAX, LORA_SCALE_MIN, MAX_LORAS_PER_REQUEST};
+        if loras.len() > MAX_LORAS_PER_REQUEST {
+            return Err(Flux2Error::invalid(
+                "loras",
+                format!("{} adapters, at most {MAX_LORAS_PER_REQUEST}", loras.len()),
+            ));
+        }
+        loras
+            .iter()
+            .map(|(name, scale)| {
+                if !scale.is_finite() || !(LORA_SCALE_MIN..=LORA_SCALE_MAX).contains(scale) {
+                    return Err(Flux2Error::invalid(
+                        "loras",
+                        format!(
+                            "scale {scale} of '{name}' is outside {LORA_SCALE_MIN}..={LORA_SCALE_MAX}"
+                        ),
+                    ));
+                }
+                self.lora_slots
+                    .get(name)
+                    .map(|&slot| (slot, *scale))
+                    .ok_or_else(|| {
+                        Flux2Error::invalid(
+                            "loras",
+                            format!(
+                                "unknown adapter '{name}' (preloaded: [{}])",
+                                self.per_request_loras().join(", ")
+                            ),
+                        )
+                    })
+            })
+            .collect()
     }
 
     pub fn model_id(&self) -> &str {
@@ -448,6 +571,9 @@ impl Flux2Pipeline {
             }
         };
         let cfg = p.guidance_scale > 1.0 && !self.is_distilled;
+        let slots = self.lora_slots_for(&p.loras)?;
+        // Side-path adapters are on for this job only (the guard turns them off on every exit).
+        let _loras = self.active_loras.activate(&slots);
 
         let t0 = Instant::now();
         let embeds = self.encode_prompt(&p.prompt)?;

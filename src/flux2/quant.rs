@@ -97,6 +97,8 @@ enum Weight {
 #[derive(Debug, Clone)]
 pub struct QLinear {
     weight: Weight,
+    /// Unfused per-request LoRA pairs (`LORA_PRELOAD`), added when their adapter is active.
+    side: Vec<super::lora::SideLora>,
 }
 
 /// Loads `{vb}.weight` of shape `[out_dim, in_dim]` and stores it as `quant` asks. With `Fp8`
@@ -117,6 +119,7 @@ pub fn linear_no_bias(
         let scale = vb.get_with_hints_dtype((out_dim, 1), &raw_scale, hints, DType::F32)?;
         return Ok(QLinear {
             weight: Weight::Fp8 { q, scale },
+            side: Vec::new(),
         });
     }
     let weight = vb.get((out_dim, in_dim), "weight")?;
@@ -137,7 +140,20 @@ impl QLinear {
                 Weight::Int8 { q, scale }
             }
         };
-        Ok(Self { weight })
+        Ok(Self {
+            weight,
+            side: Vec::new(),
+        })
+    }
+
+    /// Adds an unfused LoRA pair, applied while its adapter is active.
+    pub fn push_side_lora(&mut self, side: super::lora::SideLora) {
+        self.side.push(side);
+    }
+
+    /// Number of side-path LoRA pairs this Linear carries.
+    pub fn side_loras(&self) -> usize {
+        self.side.len()
     }
 
     pub fn quantization(&self) -> Quantization {
@@ -208,7 +224,13 @@ impl Module for QLinear {
             Weight::Dense(w) => w.clone(),
             _ => self.dequantized_weight(x.dtype())?,
         };
-        crate::nn::matmul::broadcast_matmul(x, &w.t()?)
+        let mut y = crate::nn::matmul::broadcast_matmul(x, &w.t()?)?;
+        for side in &self.side {
+            if let Some(d) = side.forward(x)? {
+                y = (y + d)?;
+            }
+        }
+        Ok(y)
     }
 }
 

@@ -416,6 +416,18 @@ impl PromptEncoder {
         device: &Device,
         quant: Quantization,
     ) -> std::result::Result<Self, PromptEncoderError> {
+        Self::load_wrapped(files, dtype, device, quant, &|vb| vb)
+    }
+
+    /// As [`Self::load_quantized`], with the encoder's weights read through `wrap` (LoRA
+    /// fusion, `lora::fused_var_builder`).
+    pub fn load_wrapped(
+        files: &ModelFiles,
+        dtype: DType,
+        device: &Device,
+        quant: Quantization,
+        wrap: &dyn Fn(VarBuilder<'static>) -> VarBuilder<'static>,
+    ) -> std::result::Result<Self, PromptEncoderError> {
         let has = |f: &str| files.contains(&format!("tokenizer/{f}"));
         let tokenizer = if !has("tokenizer.json") && has("vocab.json") && has("merges.txt") {
             PromptTokenizer::from_vocab_merges(
@@ -435,7 +447,7 @@ impl PromptEncoder {
             )?
         };
         let cfg = files.text_encoder_config()?;
-        let vb = files.component_var_builder("text_encoder", dtype, device)?;
+        let vb = wrap(files.component_var_builder("text_encoder", dtype, device)?);
         let encoder = Qwen3TextEncoder::new_quantized(&cfg, vb, tokenizer.max_length(), quant)?;
         Ok(Self { tokenizer, encoder })
     }

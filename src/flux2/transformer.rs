@@ -569,6 +569,60 @@ impl Flux2Transformer2DModel {
         &self.attention
     }
 
+    /// Every Linear under its diffusers module name (the LoRA side path attaches by name).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut QLinear)> {
+        let te = "time_guidance_embed.timestep_embedder";
+        let mut out: Vec<(String, &mut QLinear)> = vec![
+            ("x_embedder".into(), &mut self.x_embedder),
+            ("context_embedder".into(), &mut self.context_embedder),
+            (format!("{te}.linear_1"), &mut self.time_linear_1),
+            (format!("{te}.linear_2"), &mut self.time_linear_2),
+            (
+                "double_stream_modulation_img.linear".into(),
+                &mut self.mod_img.linear,
+            ),
+            (
+                "double_stream_modulation_txt.linear".into(),
+                &mut self.mod_txt.linear,
+            ),
+            (
+                "single_stream_modulation.linear".into(),
+                &mut self.mod_single.linear,
+            ),
+            ("norm_out.linear".into(), &mut self.norm_out_linear),
+            ("proj_out".into(), &mut self.proj_out),
+        ];
+        for (i, b) in self.double.iter_mut().enumerate() {
+            let p = format!("transformer_blocks.{i}");
+            out.extend([
+                (format!("{p}.attn.to_q"), &mut b.to_q),
+                (format!("{p}.attn.to_k"), &mut b.to_k),
+                (format!("{p}.attn.to_v"), &mut b.to_v),
+                (format!("{p}.attn.to_out.0"), &mut b.to_out),
+                (format!("{p}.attn.add_q_proj"), &mut b.add_q),
+                (format!("{p}.attn.add_k_proj"), &mut b.add_k),
+                (format!("{p}.attn.add_v_proj"), &mut b.add_v),
+                (format!("{p}.attn.to_add_out"), &mut b.to_add_out),
+                (format!("{p}.ff.linear_in"), &mut b.ff.linear_in),
+                (format!("{p}.ff.linear_out"), &mut b.ff.linear_out),
+                (
+                    format!("{p}.ff_context.linear_in"),
+                    &mut b.ff_context.linear_in,
+                ),
+                (
+                    format!("{p}.ff_context.linear_out"),
+                    &mut b.ff_context.linear_out,
+                ),
+            ]);
+        }
+        for (i, b) in self.single.iter_mut().enumerate() {
+            let p = format!("single_transformer_blocks.{i}.attn");
+            out.push((format!("{p}.to_qkv_mlp_proj"), &mut b.to_qkv_mlp));
+            out.push((format!("{p}.to_out"), &mut b.to_out));
+        }
+        out
+    }
+
     /// RoPE tables for `[txt, img]`; constant over the denoising loop, so built once.
     pub fn rope(&self, txt_ids: &Tensor, img_ids: &Tensor) -> Result<Rope> {
         let axes = &self.cfg.axes_dims_rope;

@@ -9,6 +9,7 @@ mod fake_hub;
 
 mod hub;
 mod lean_parity;
+mod lora;
 mod manifests;
 mod numerics;
 mod parity;

@@ -40,6 +40,7 @@ fn load(dtype: DType, q: Quantization) -> Flux2Pipeline {
         dtype,
         hf_token: None,
         attention: Default::default(),
+        loras: Vec::new(),
     })
     .unwrap()
 }

@@ -23,6 +23,7 @@ fn opts(model: &Path) -> LoadOptions {
         dtype: DType::F32,
         hf_token: None,
         attention: Default::default(),
+        loras: Vec::new(),
     }
 }
 
@@ -97,6 +98,7 @@ fn params(c: &Case, latents: Option<Tensor>) -> GenerateParams {
         seed: 0,
         guidance_scale: c.guidance,
         latents,
+        loras: Vec::new(),
     }
 }
 

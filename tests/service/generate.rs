@@ -337,3 +337,76 @@ async fn references_encode_once_and_the_upscaler_loads_once_per_batch() {
     assert_eq!(esrgan.loads.load(Ordering::SeqCst), 1);
     assert_eq!(v["results"][2]["width"], 512);
 }
+
+/// LoRA over HTTP: /health lists a working per-request adapter and a broken fused one (the
+/// model serves anyway); an unknown name is a 422 naming `body.loras.0.name`; the named adapter
+/// changes the image and the next request without it is the base image again.
+#[tokio::test]
+async fn lora_adapters_are_listed_selected_per_request_and_bad_ones_do_not_stop_serving() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let good = format!("ink={root}/tests/fixtures/flux2/lora/kohya.safetensors");
+    let broken = format!("broken={root}/tests/fixtures/flux2/lora/missing.safetensors:0.5");
+    let s = Server::start_real(&["--lora-preload", &good, "--loras", &broken]).await;
+    s.wait_status("healthy", Duration::from_secs(60)).await;
+    let s3 = S3::start().await;
+
+    let health = s.get_json("/health").await;
+    let loras = health["loras"].as_array().unwrap();
+    assert_eq!(loras.len(), 2, "{health}");
+    assert_eq!(loras[0]["name"], "broken");
+    assert_eq!(loras[0]["status"], "failed");
+    assert_eq!(loras[0]["mode"], "fused");
+    assert!(loras[0]["error"].as_str().unwrap().contains("no such file"));
+    assert_eq!(loras[1]["name"], "ink");
+    assert_eq!(loras[1]["status"], "loaded");
+    assert_eq!(loras[1]["mode"], "per_request");
+    assert_eq!(loras[1]["format"], "kohya");
+
+    let body = |key: &str, loras: Value| {
+        json!({"prompts": ["a fox"], "upload_urls": [s3.presign_put(key, "image/png", HOUR)],
+               "seed": 5, "width": 256, "height": 256, "num_steps": 2, "loras": loras})
+    };
+    for bad in ["broken", "nope"] {
+        let resp = s
+            .post(
+                "/generate",
+                body("x.png", json!([{"name": bad, "scale": 0.5}])),
+            )
+            .await;
+        assert_eq!(resp.status(), 422, "{bad}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(
+            v["detail"][0]["loc"],
+            json!(["body", "loras", 0, "name"]),
+            "{v}"
+        );
+        assert!(
+            v["detail"][0]["msg"].as_str().unwrap().contains("[ink]"),
+            "{v}"
+        );
+    }
+    let resp = s
+        .post(
+            "/generate",
+            body("x.png", json!([{"name": "ink", "scale": 9}])),
+        )
+        .await;
+    assert_eq!(resp.status(), 422);
+
+    let mut images = Vec::new();
+    for (key, loras) in [
+        ("base.png", json!([])),
+        ("ink.png", json!([{"name": "ink", "scale": 1.3}])),
+        ("base2.png", json!(null)),
+    ] {
+        let v = generate(&s, body(key, loras)).await;
+        assert_eq!(v["success"], true, "{v}");
+        let (_, bytes) = s3.get(key).await.unwrap();
+        images.push(image::load_from_memory(&bytes).unwrap().to_rgb8());
+    }
+    assert_ne!(images[0], images[1], "the adapter changed nothing");
+    assert_eq!(
+        images[0], images[2],
+        "the adapter leaked into the next request"
+    );
+}

@@ -113,6 +113,26 @@ impl BflSource {
     }
 }
 
+/// Which rows of a BFL tensor make up a diffusers tensor (public view of [`BflSource`], for
+/// mapping BFL-named LoRA modules the same way the weights are mapped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BflRows {
+    All,
+    /// Part `.0` of `.1` equal chunks along dim 0.
+    Chunk(usize, usize),
+    /// Rows [a; b] become [b; a].
+    SwapHalves,
+}
+
+/// The BFL tensor a diffusers transformer tensor is read from, and which of its rows.
+pub fn bfl_rows_of(diffusers_name: &str) -> Option<(String, BflRows)> {
+    Some(match bfl_source(diffusers_name)? {
+        BflSource::Direct(b) => (b, BflRows::All),
+        BflSource::Chunk(b, i, n) => (b, BflRows::Chunk(i, n)),
+        BflSource::SwapHalves(b) => (b, BflRows::SwapHalves),
+    })
+}
+
 /// diffusers name -> BFL source (the inverse of diffusers' single-file converter).
 fn bfl_source(name: &str) -> Option<BflSource> {
     use BflSource::*;

@@ -27,7 +27,7 @@ use candle_nn::VarBuilder;
 use super::config::{ModelIndex, Qwen3Config};
 use super::transformer::Flux2TransformerConfig;
 
-pub use bfl::{RAW_FP8_SCALE_SUFFIX, RAW_FP8_SUFFIX, bfl_var_builder};
+pub use bfl::{BflRows, RAW_FP8_SCALE_SUFFIX, RAW_FP8_SUFFIX, bfl_rows_of, bfl_var_builder};
 pub use hub::{
     DEFAULT_MODEL_ID, HubFile, HubOptions, ModelSource, REPO_4B, REPO_9B, canonical_model_id,
     hf_token_from_env, resolve_model_id,
