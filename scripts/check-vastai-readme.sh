@@ -46,11 +46,13 @@ UPSCALED_URL="$(presign presign-put upscaled.png image/png)"
 IMAGE_URL="$(presign presign-get ref.png)"
 export UPLOAD_URL UPLOAD_URL_2 UPSCALED_URL IMAGE_URL
 
-# The server, from the built binary, with an API key as the guide recommends.
+# The server, from the built binary, with an API key as the guide recommends and the guide's
+# per-request adapter "ink" preloaded (a tiny-model LoRA fixture stands in for the hub file).
 API_KEY="readme-check-$RANDOM$RANDOM"
 export API_KEY
 API_KEYS="$API_KEY" HOST=127.0.0.1 PORT="$PORT" MODEL_ID=tests/fixtures/flux2/tiny-model DEVICE=cpu \
   ALLOW_PRIVATE_URLS=true UPSCALER_WEIGHTS="$X4PLUS" UPSCALER_ALLOW_DOWNLOAD=false \
+  LORA_PRELOAD=ink=tests/fixtures/flux2/lora/diffusers.safetensors \
   "$BIN_DIR/imagegen" serve >"$WORK/server.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 120); do
