@@ -201,6 +201,7 @@ impl LeanConv2d {
             }
             None => Tensor::zeros((b, c_out, h_out, w_out), x.dtype(), x.device())?,
         };
+        let packed = self.cpu_packed(x)?;
         for r0 in (0..h_out).step_by(rows) {
             let r1 = (r0 + rows).min(h_out);
             // Padded-input rows [lo, hi) feed output rows [r0, r1); shift to unpadded rows.
@@ -225,7 +226,7 @@ impl LeanConv2d {
                 };
                 (src, band_pad)
             };
-            let y = self.conv_bias(&band.0, band.1)?;
+            let y = self.conv_bias(&band.0, band.1, packed.as_ref())?;
             drop(band);
             let y = match self.leaky_relu {
                 Some(slope) => leaky_relu_lean(&y, slope)?,
@@ -244,31 +245,34 @@ impl LeanConv2d {
     /// candle_nn's `Conv2d::forward` (explicitly padded first when the padding is not uniform)
     /// and `candle_nn::ops::leaky_relu`.
     fn plain(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.conv_bias(x, self.pad)?;
+        let y = self.conv_bias(x, self.pad, self.cpu_packed(x)?.as_ref())?;
         match self.leaky_relu {
             Some(slope) => candle_nn::ops::leaky_relu(&y, slope),
             None => Ok(y),
         }
     }
 
-    /// conv2d + bias with zero padding `pad`. On the CPU, f32 and bf16 run in
-    /// [`cpu_conv::conv2d_f32`] (candle's values, without its NHWC and scatter passes, padding
-    /// read in place); bf16, which candle's CPU conv lacks, is computed in f32 and rounded once
-    /// after the bias, as PyTorch's CPU bf16 conv (oneDNN: f32 accumulation, bias in f32) does.
-    fn conv_bias(&self, x: &Tensor, pad: Pad) -> Result<Tensor> {
+    /// The packed weight for [`cpu_conv`] when `x` takes that path (f32 or bf16 on the CPU),
+    /// built once per call so the bands share it.
+    fn cpu_packed(&self, x: &Tensor) -> Result<Option<cpu_conv::PackedConv>> {
         if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16) {
-            let bias = self
-                .bias
-                .as_ref()
-                .map(|b| b.to_dtype(DType::F32))
-                .transpose()?;
-            let y = cpu_conv::conv2d_f32(
-                &x.to_dtype(DType::F32)?,
-                &self.weight.to_dtype(DType::F32)?,
-                bias.as_ref(),
-                self.stride,
-                pad,
-            )?;
+            return cpu_conv::PackedConv::new(&self.weight, self.bias.as_ref()).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// conv2d + bias with zero padding `pad`. With `packed` (f32 and bf16 on the CPU) it runs in
+    /// [`cpu_conv`] (candle's values, without its NHWC and scatter passes, padding read in
+    /// place); bf16, which candle's CPU conv lacks, is computed in f32 and rounded once after
+    /// the bias, as PyTorch's CPU bf16 conv (oneDNN: f32 accumulation, bias in f32) does.
+    fn conv_bias(
+        &self,
+        x: &Tensor,
+        pad: Pad,
+        packed: Option<&cpu_conv::PackedConv>,
+    ) -> Result<Tensor> {
+        if let Some(packed) = packed {
+            let y = cpu_conv::conv2d_packed(&x.to_dtype(DType::F32)?, packed, self.stride, pad)?;
             return y.to_dtype(x.dtype());
         }
         let y = match pad.as_uniform() {

@@ -22,6 +22,47 @@ use super::conv::Pad;
 /// the GEMM's N is in the thousands for the VAE's shapes.
 const CHUNK_COLS_BYTES: usize = 8 << 20;
 
+/// A conv's weight and bias in the form the kernel reads: `[C_out, k²·C_in]` in (kh, kw, c_in)
+/// order, bias as f32 values. Built once per layer call, so a banded conv packs its weight
+/// once, not once per band.
+pub struct PackedConv {
+    w2d: Tensor,
+    bias: Option<Vec<f32>>,
+    c_in: usize,
+    k: usize,
+}
+
+impl PackedConv {
+    /// `weight` [C_out, C_in, k, k] (square kernel), `bias` [C_out]; any float dtype, packed as
+    /// f32.
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        if !weight.device().is_cpu() {
+            candle_core::bail!("cpu conv2d: CPU tensors only");
+        }
+        let (c_out, c_in, kh, kw) = weight.dims4()?;
+        if kh != kw {
+            candle_core::bail!("cpu conv2d: square kernels only ({kh}×{kw})");
+        }
+        let w2d = weight
+            .to_dtype(DType::F32)?
+            .permute((0, 2, 3, 1))?
+            .contiguous()?
+            .reshape((c_out, kh * kw * c_in))?;
+        let bias = bias
+            .map(|t| t.to_dtype(DType::F32)?.to_vec1::<f32>())
+            .transpose()?;
+        if bias.as_ref().is_some_and(|v| v.len() != c_out) {
+            candle_core::bail!("cpu conv2d: bias does not have {c_out} values");
+        }
+        Ok(Self {
+            w2d,
+            bias,
+            c_in,
+            k: kh,
+        })
+    }
+}
+
 /// `conv2d(x, weight) + bias` for f32 tensors on the CPU: square `k × k` kernel, `stride`,
 /// zero padding `pad` per side, dilation 1, one group.
 pub fn conv2d_f32(
@@ -31,37 +72,34 @@ pub fn conv2d_f32(
     stride: usize,
     pad: Pad,
 ) -> Result<Tensor> {
-    if x.dtype() != DType::F32 || weight.dtype() != DType::F32 || !x.device().is_cpu() {
+    if weight.dtype() != DType::F32 {
+        candle_core::bail!("cpu conv2d: f32 CPU tensors only");
+    }
+    conv2d_packed(x, &PackedConv::new(weight, bias)?, stride, pad)
+}
+
+/// [`conv2d_f32`] with the weight already packed.
+pub fn conv2d_packed(x: &Tensor, packed: &PackedConv, stride: usize, pad: Pad) -> Result<Tensor> {
+    if x.dtype() != DType::F32 || !x.device().is_cpu() {
         candle_core::bail!("cpu conv2d: f32 CPU tensors only");
     }
     let x = x.contiguous()?;
     let (b, c, h, w) = x.dims4()?;
-    let (c_out, c_in, kh, kw) = weight.dims4()?;
-    if c_in != c || kh != kw || stride == 0 {
+    let (k, w2d, bias) = (packed.k, &packed.w2d, &packed.bias);
+    let c_out = w2d.dims()[0];
+    if packed.c_in != c || stride == 0 {
         candle_core::bail!(
-            "cpu conv2d: input {:?} against weight {:?} (stride {stride})",
+            "cpu conv2d: input {:?} against weight [{c_out}, {}, {k}, {k}] (stride {stride})",
             x.dims(),
-            weight.dims()
+            packed.c_in
         );
     }
-    let k = kh;
     let (hp, wp) = (pad.top + h + pad.bottom, pad.left + w + pad.right);
     if hp < k || wp < k {
         candle_core::bail!("cpu conv2d: input {h}×{w} smaller than the kernel {k}");
     }
     let (h_out, w_out) = ((hp - k) / stride + 1, (wp - k) / stride + 1);
     let taps = k * k * c;
-    // [C_out, K] in (kh, kw, c_in) order.
-    let w2d = weight
-        .permute((0, 2, 3, 1))?
-        .contiguous()?
-        .reshape((c_out, taps))?;
-    let bias = bias
-        .map(|t| t.to_dtype(DType::F32)?.to_vec1::<f32>())
-        .transpose()?;
-    if bias.as_ref().is_some_and(|v| v.len() != c_out) {
-        candle_core::bail!("cpu conv2d: bias does not have {c_out} values");
-    }
     let pointwise = k == 1 && stride == 1 && pad == Pad::uniform(0);
 
     let plane_out = h_out * w_out;
@@ -106,7 +144,7 @@ pub fn conv2d_f32(
                     .for_each(|(co, plane)| {
                         let dst = &mut plane[r0 * w_out..r1 * w_out];
                         let src = &ys[co * n..(co + 1) * n];
-                        match &bias {
+                        match bias {
                             Some(bias) => {
                                 let b = bias[co];
                                 dst.iter_mut().zip(src).for_each(|(d, s)| *d = s + b);

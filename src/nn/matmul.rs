@@ -80,11 +80,10 @@ pub fn conv2d(c: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
     if !supported {
         return c.forward(x);
     }
-    let bias = c.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
-    super::cpu_conv::conv2d_f32(
+    let packed = super::cpu_conv::PackedConv::new(c.weight(), c.bias())?;
+    super::cpu_conv::conv2d_packed(
         &x.to_dtype(DType::F32)?,
-        &c.weight().to_dtype(DType::F32)?,
-        bias.as_ref(),
+        &packed,
         cfg.stride,
         super::Pad::uniform(cfg.padding),
     )?
