@@ -7,12 +7,11 @@ Protocol, one line each way:  "setup <case>" -> "ok"  |  "run <case>" -> "<ms>" 
 The first line printed is "ready <torch version>".
 """
 import argparse
+import os
 import sys
 import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 
 def dit():
@@ -48,41 +47,11 @@ def text_encoder():
     return lambda: model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
 
 
-class RDB(nn.Module):
-    def __init__(self, nf=64, gc=32):
-        super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(nf + i * gc, gc if i < 4 else nf, 3, 1, 1) for i in range(5))
-
-    def forward(self, x):
-        feats = [x]
-        for conv in self.convs[:4]:
-            feats.append(F.leaky_relu(conv(torch.cat(feats, 1)), 0.2))
-        return self.convs[4](torch.cat(feats, 1)) * 0.2 + x
-
-
-class RRDBNet(nn.Module):
-    """BasicSR's RRDBNet (RealESRGAN_x4plus layout)."""
-
-    def __init__(self, nb=23, nf=64):
-        super().__init__()
-        self.conv_first = nn.Conv2d(3, nf, 3, 1, 1)
-        self.body = nn.Sequential(*[nn.Sequential(RDB(), RDB(), RDB()) for _ in range(nb)])
-        self.conv_body, self.conv_up1, self.conv_up2, self.conv_hr = (nn.Conv2d(nf, nf, 3, 1, 1) for _ in range(4))
-        self.conv_last = nn.Conv2d(nf, 3, 3, 1, 1)
-
-    def forward(self, x):
-        lr = lambda t: F.leaky_relu(t, 0.2)
-        feat = self.conv_first(x)
-        body = feat
-        for rrdb in self.body:
-            body = rrdb(body) * 0.2 + body
-        feat = feat + self.conv_body(body)
-        feat = lr(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
-        feat = lr(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
-        return self.conv_last(lr(self.conv_hr(feat)))
-
-
 def x4plus(size):
+    # The same RRDBNet the upscale bench times (benches/upscale_torch.py), not a second copy.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from upscale_torch import RRDBNet
+
     net = RRDBNet().eval()
     x = torch.rand(1, 3, size, size)
     return lambda: net(x)
