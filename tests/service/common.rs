@@ -183,6 +183,11 @@ impl Peer {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
+
+    /// An /upscale body for this peer's reference image, uploaded to its recorder.
+    pub fn upscale_body(&self) -> serde_json::Value {
+        serde_json::json!({"image_url": self.url("/ref.png"), "upload_url": self.url("/record")})
+    }
 }
 
 fn seen(headers: &HeaderMap, body: &Bytes) -> SeenPut {

@@ -90,12 +90,7 @@ async fn a_lost_device_answers_503_with_retry_after_and_refuses_all_further_work
     let resp = s.post("/generate", body(&peer, 1)).await;
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.headers()["retry-after"], "7");
-    let resp = s
-        .post(
-            "/upscale",
-            json!({"image_url": peer.url("/ref.png"), "upload_url": peer.url("/record")}),
-        )
-        .await;
+    let resp = s.post("/upscale", peer.upscale_body()).await;
     assert_eq!(resp.status(), 503);
     assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
 }

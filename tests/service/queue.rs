@@ -82,12 +82,7 @@ async fn health_answers_while_the_worker_is_busy_and_a_full_queue_gives_503() {
         (Some(1), Some(1))
     );
     // /upscale shares the queue.
-    let resp = s
-        .post(
-            "/upscale",
-            json!({"image_url": peer.url("/ref.png"), "upload_url": peer.url("/record")}),
-        )
-        .await;
+    let resp = s.post("/upscale", peer.upscale_body()).await;
     assert_eq!(resp.status(), 503);
 
     let (a, b) = (a.await.unwrap(), b.await.unwrap());

@@ -97,12 +97,7 @@ async fn a_full_download_stage_answers_503_with_retry_after_but_ready_work_still
             .contains("MAX_CONCURRENT_DOWNLOADS"),
         "{v}"
     );
-    let resp = s
-        .post(
-            "/upscale",
-            json!({"image_url": peer.url("/ref.png"), "upload_url": peer.url("/record")}),
-        )
-        .await;
+    let resp = s.post("/upscale", peer.upscale_body()).await;
     assert_eq!(resp.status(), 503);
     assert_eq!(metric(&s, "imagegen_download_rejections_total").await, 2.0);
 
