@@ -478,15 +478,16 @@ impl SideLora {
         })
     }
 
-    /// `scale · (x @ downᵀ) @ upᵀ` if this adapter is active, else `None`.
+    /// `(scale · x @ downᵀ) @ upᵀ` if this adapter is active, else `None`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let scale = self.active.scale(self.slot);
         if scale == 0.0 {
             return Ok(None);
         }
-        let h = crate::nn::matmul::broadcast_matmul(x, &self.down_t)?;
-        let y = crate::nn::matmul::broadcast_matmul(&h, &self.up_t)?;
-        Ok(Some((y * scale)?))
+        // Scaled at rank r, not at the output width: one pass over the small tensor instead
+        // of the large one.
+        let h = (crate::nn::matmul::broadcast_matmul(x, &self.down_t)? * scale)?;
+        Ok(Some(crate::nn::matmul::broadcast_matmul(&h, &self.up_t)?))
     }
 }
 
