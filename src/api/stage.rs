@@ -5,49 +5,44 @@
 //! Retry-After) so slow peers cannot pile up unbounded memory and sockets either.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::engine::QueueFull;
 
-/// Counts the requests in the download stage.
+/// The stage's places: a semaphore of `capacity` permits.
 #[derive(Debug)]
 pub struct DownloadStage {
-    in_flight: Arc<AtomicUsize>,
+    places: Arc<Semaphore>,
     capacity: usize,
 }
 
 /// A place in the download stage, released when dropped.
-#[derive(Debug)]
-pub struct DownloadPlace(Arc<AtomicUsize>);
-
-impl Drop for DownloadPlace {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+pub type DownloadPlace = OwnedSemaphorePermit;
 
 impl DownloadStage {
     pub fn new(capacity: usize) -> Self {
         Self {
-            in_flight: Arc::default(),
+            places: Arc::new(Semaphore::new(capacity)),
             capacity,
         }
     }
 
     /// A place, or how full the stage is.
     pub fn enter(&self) -> Result<DownloadPlace, QueueFull> {
-        let capacity = self.capacity;
-        self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < capacity).then_some(n + 1)
+        self.places
+            .clone()
+            .try_acquire_owned()
+            // The semaphore is never closed: the only failure is "no permits".
+            .map_err(|_| QueueFull {
+                depth: self.in_flight(),
+                capacity: self.capacity,
             })
-            .map(|_| DownloadPlace(self.in_flight.clone()))
-            .map_err(|depth| QueueFull { depth, capacity })
     }
 
     /// Requests downloading now.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.capacity - self.places.available_permits()
     }
 
     pub fn capacity(&self) -> usize {
