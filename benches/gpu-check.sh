@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check: driver, the CUDA binary, `imagegen bench` and the diffusers baseline on the
 # same card, side by side. Built for a GPU box with no network that has the NVIDIA driver and
-# PyTorch (CUDA 13) but maybe not diffusers. Finishes inside ~8 minutes (per-phase timeouts).
+# PyTorch (CUDA 13) but maybe not diffusers. Finishes inside ~9 minutes (per-phase timeouts).
 #
 # Carry from the build machine (both git-ignored; `make gpu-prep` makes them):
 #   dist/imagegen-cuda13.0-sm90.xz   the CUDA binary (make build-cuda)
@@ -111,10 +111,17 @@ py() { # name timeout args...
 }
 rust 4b-t2i 100 --random-weights 4B --cases "$T2I" --runs 3
 py 4b-t2i 100 --model 4B --cases "$T2I" --runs 3
+# One run per attention backend, forced (ATTENTION=<name>): its self-check on this card (max
+# error, time per call), then the same cases, so speed and GPU peak line up per backend. A forced
+# backend that fails its check stops the binary at load with the reason, which the log keeps.
+for backend in ${GPU_CHECK_ATTENTION:-naive cudnn}; do
+  rust "4b-attn-$backend" 50 --random-weights 4B --attention "$backend" \
+    --cases load,t2i-1024x1024,refs4-1024x768 --runs 2
+done
 rust 4b-refs 80 --random-weights 4B --cases "$REFS" --runs 2
 py 4b-refs 80 --model 4B --cases "$REFS" --runs 2
-rust 9b-fp8 45 --random-weights 9B --quantization fp8 --cases load,t2i-1024x1024 --runs 2
-rust 9b-int8 45 --random-weights 9B --quantization int8 --cases load,t2i-1024x1024 --runs 2
+rust 9b-fp8 40 --random-weights 9B --quantization fp8 --cases load,t2i-1024x1024 --runs 2
+rust 9b-int8 40 --random-weights 9B --quantization int8 --cases load,t2i-1024x1024 --runs 2
 
 # The cuDNN-conv variant: same cases where convolutions matter (VAE decode, x4plus), to decide
 # which build ships. Runs last: it only compares two builds of imagegen.

@@ -18,39 +18,51 @@
 #                      Real-ESRGAN convs then skip candle's im2col buffer. Links against the
 #                      loader libcudnn.so.9 taken from the nvidia-cudnn-cu13 wheel; the GPU host
 #                      needs cuDNN 9 at run time. Outputs get a "-cudnn" suffix.
+#   CUDA_CLIPPY        1 → run clippy (-D warnings) with these features instead of building.
+#   FUSED_ATTENTION    1 (default) → cuDNN fused attention for the DiT (cargo feature
+#                      `cudnn-sdpa`): a C++ shim over the cudnn-frontend headers; cuDNN is opened
+#                      at run time, not linked, and the load-time self-check falls back to naive
+#                      attention where it is missing or wrong. 0 → naive attention only,
+#                      outputs get a "-naive" suffix.
+#
+# Everything fetched is pinned by version and sha256: scripts/cuda-wheels.txt (toolkit, installed
+# into the venv) and scripts/cudnn-wheels.txt (cuDNN and cudnn-frontend, downloaded, unpacked).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 
 CAP="${CUDA_COMPUTE_CAP:-90}"
 CUDNN="${CUDNN:-0}"
+FUSED_ATTENTION="${FUSED_ATTENTION:-1}"
 VARIANT="sm${CAP}"
 FEATURES=cuda
 if [[ "$CUDNN" == 1 ]]; then
   VARIANT="sm${CAP}-cudnn"
   FEATURES=cudnn
 fi
+if [[ "$FUSED_ATTENTION" == 1 ]]; then
+  FEATURES="$FEATURES,cudnn-sdpa"
+else
+  VARIANT="$VARIANT-naive"
+fi
 VENV="${CUDA_VENV:-$ROOT/.venv-cuda}"
 TARGET_DIR="${CUDA_TARGET_DIR:-$ROOT/target-cuda}-${VARIANT}"
 DIST="${CUDA_DIST:-$ROOT/dist}"
 PY="${PYTHON:-python3}"
 
-# CUDA 13.0 toolkit pieces (the versions a build was verified with; all land in nvidia/cu13/).
-WHEELS=(
-  nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88
-  nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cublas==13.0.0.19
-  nvidia-cuda-nvrtc==13.0.48 nvidia-curand==10.4.0.35
-)
+TOOLKIT_WHEELS="$ROOT/scripts/cuda-wheels.txt"
+CUDNN_WHEELS="$ROOT/scripts/cudnn-wheels.txt"
 
 log() { printf '\n[build-cuda] %s\n' "$*" >&2; }
 start=$(date +%s)
 
-# 1. Toolkit wheels.
-stamp="$VENV/.wheels-$(printf '%s\n' "${WHEELS[@]}" | sha256sum | cut -c1-12)"
+# 1. Toolkit wheels (all land in nvidia/cu13/).
+stamp="$VENV/.wheels-$(sha256sum "$TOOLKIT_WHEELS" | cut -c1-12)"
 if [[ ! -f "$stamp" ]]; then
   log "installing CUDA 13.0 wheels into $VENV"
   "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${WHEELS[@]}"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --require-hashes --no-deps \
+    -r "$TOOLKIT_WHEELS"
   touch "$stamp"
 fi
 CU13="$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')"
@@ -66,22 +78,40 @@ for lib in cublas cublasLt cudart curand nvrtc; do
   ln -sf "${found[0]}" "$LINK/lib${lib}.so"
 done
 
-# cuDNN: only the small loader library is needed to link (it dlopens the rest at run time), so
-# it is taken out of the wheel instead of installing 1.5 GB of engines.
-CUDNN_WHEEL=nvidia-cudnn-cu13==9.28.1.4
-if [[ "$CUDNN" == 1 && ! -f "$LINK/libcudnn.so" ]]; then
-  log "fetching libcudnn.so.9 from $CUDNN_WHEEL"
-  mkdir -p "$VENV/wheels"
-  "$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
-    -d "$VENV/wheels" "$CUDNN_WHEEL"
-  "$VENV/bin/python" - "$VENV/wheels" "$LINK/libcudnn.so" <<'PY'
-import glob, shutil, sys, zipfile
-wheel = glob.glob(sys.argv[1] + "/nvidia_cudnn_cu13-*.whl")[0]
-with zipfile.ZipFile(wheel) as z, z.open("nvidia/cudnn/lib/libcudnn.so.9") as src, \
-        open(sys.argv[2], "wb") as dst:
-    shutil.copyfileobj(src, dst)
+# cuDNN and cudnn-frontend: downloaded by hash, never installed (cuDNN's engines are 1.5 GB).
+# Unpacked are the headers of both and cuDNN's small loader libcudnn.so.9, which is all the
+# CUDNN=1 conv variant links against (it dlopens the engines at run time).
+CUDNN_DIR="$VENV/cudnn-$(sha256sum "$CUDNN_WHEELS" | cut -c1-12)"
+if [[ ("$CUDNN" == 1 || "$FUSED_ATTENTION" == 1) && ! -f "$CUDNN_DIR/.done" ]]; then
+  log "fetching cuDNN and cudnn-frontend ($CUDNN_WHEELS)"
+  rm -rf "$CUDNN_DIR" && mkdir -p "$CUDNN_DIR/wheels"
+  "$VENV/bin/python" -m pip download -q --disable-pip-version-check --require-hashes --no-deps \
+    --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    -d "$CUDNN_DIR/wheels" -r "$CUDNN_WHEELS"
+  "$VENV/bin/python" - "$CUDNN_DIR" <<'PY'
+import glob, os, shutil, sys, zipfile
+root = sys.argv[1]
+def unpack(pattern, prefix, dest):
+    wheel = glob.glob(os.path.join(root, "wheels", pattern))[0]
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if name.startswith(prefix) and not name.endswith("/"):
+                rest = name[len(prefix):]  # empty when prefix names one file
+                out = os.path.join(root, dest, rest) if rest else os.path.join(root, dest)
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                with z.open(name) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+unpack("nvidia_cudnn_cu13-*.whl", "nvidia/cudnn/include/", "cudnn-include")
+unpack("nvidia_cudnn_cu13-*.whl", "nvidia/cudnn/lib/libcudnn.so.9", "lib/libcudnn.so")
+# The headers include "../include/…": the folder must be called include.
+unpack("nvidia_cudnn_frontend-*.whl", "include/", "frontend/include")
 PY
+  rm -rf "$CUDNN_DIR/wheels"
+  touch "$CUDNN_DIR/.done"
 fi
+if [[ "$CUDNN" == 1 ]]; then ln -sf "$CUDNN_DIR/lib/libcudnn.so" "$LINK/libcudnn.so"; fi
+export CUDNN_INCLUDE_DIR="$CUDNN_DIR/cudnn-include" CUDNN_FRONTEND_INCLUDE_DIR="$CUDNN_DIR/frontend/include"
 
 # The stub defines every cu* driver entry point that cudarc's bindings reference, each returning
 # CUDA_ERROR_STUB_LIBRARY (34). It exists only to satisfy the linker: the real libcuda.so.1 of the
@@ -108,6 +138,12 @@ export CUDA_ROOT="$LINK" CUDARC_CUDA_VERSION=13000 CUDA_COMPUTE_CAP="$CAP"
 export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$(nproc)}"
 export CARGO_TARGET_DIR="$TARGET_DIR"
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$LINK"
+if [[ "${CUDA_CLIPPY:-0}" == 1 ]]; then
+  # The CUDA-only code (device pools, the cuDNN attention) is linted here, with the real features.
+  log "cargo clippy --release --features $FEATURES (target $TARGET_DIR)"
+  cargo clippy --release --features "$FEATURES" --bin imagegen -- -D warnings
+  exit 0
+fi
 log "cargo build --release --features $FEATURES (CUDA_COMPUTE_CAP=$CAP, target $TARGET_DIR)"
 cargo build --release --features "$FEATURES" --bin imagegen
 

@@ -54,7 +54,7 @@ impl ApiError {
                 | EngineError::OutOfMemory(_)
                 | EngineError::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
                 EngineError::InvalidInput(_) => StatusCode::UNPROCESSABLE_ENTITY,
-                EngineError::ModelFiles(_) | EngineError::Internal(_) => {
+                EngineError::ModelFiles(_) | EngineError::Refused(_) | EngineError::Internal(_) => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
             },
@@ -170,6 +170,7 @@ mod tests {
             (EngineError::Cancelled, 503, None),
             (EngineError::InvalidInput("width".into()), 422, None),
             (EngineError::ModelFiles("config.json".into()), 500, None),
+            (EngineError::Refused("ATTENTION=cudnn".into()), 500, None),
             (EngineError::Internal("bug".into()), 500, None),
         ];
         for (error, code, retry) in cases {

@@ -220,6 +220,10 @@ pub async fn serve_on(
         .device
         .open()
         .with_context(|| format!("cannot open device '{:?}' (DEVICE)", args.model.device))?;
+    crate::flux2::attention::check_available(
+        &args.model.attention,
+        &crate::flux2::attention::compiled_backends(&device),
+    )?;
     let loader = crate::engine::models::flux_loader(&args, &device);
     let upscaler = crate::engine::models::upscaler(&args, &device);
     let memory = crate::engine::models::device_memory(&args, &device);
@@ -366,8 +370,22 @@ pub async fn run_with_memory<B: ImageBackend, U: UpscaleBackend, M: DeviceMemory
     let grace = Duration::from_secs(args.shutdown_grace_secs);
     let engine_state = engine.state().clone();
     let mut server = std::pin::pin!(server.into_future());
+    let refusal_state = engine.state().clone();
+    let refused = async move {
+        loop {
+            if let Some(why) = refusal_state.refused() {
+                return why;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
     tokio::select! {
         r = &mut server => r?,
+        why = refused => {
+            tracing::error!(error = %why, "refusing to start");
+            engine.state().start_draining();
+            anyhow::bail!("refusing to start: {why}");
+        }
         _ = async { if signalled_rx.await.is_ok() { tokio::time::sleep(grace).await } else { std::future::pending().await } } => {
             tracing::warn!("grace period of {grace:?} over: cancelling running work");
             engine_state.abort_all();

@@ -42,6 +42,10 @@ pub enum EngineError {
     /// The FLUX model is not loaded.
     #[error("Model not loaded")]
     NotLoaded,
+    /// The configuration asks for something this device cannot give (a forced attention backend
+    /// that is absent or fails its self-check): the process must not serve, so it exits.
+    #[error("refusing to start: {0}")]
+    Refused(String),
     /// A bug: a tensor error that is not a device fault, a panic, a stopped worker.
     #[error("internal error: {0}")]
     Internal(String),
@@ -57,6 +61,7 @@ impl EngineError {
             EngineError::OutOfMemory(_) => "out_of_memory",
             EngineError::DeviceLost(_) => "device_lost",
             EngineError::NotLoaded => "not_loaded",
+            EngineError::Refused(_) => "refused",
             EngineError::Internal(_) => "internal",
         }
     }

@@ -48,6 +48,7 @@ pub struct EngineState {
     abort: AtomicBool,
     /// Why the device became unusable, once it has: no more work is taken.
     device_lost: Mutex<Option<String>>,
+    refused: Mutex<Option<String>>,
     /// The hub commit of the loaded model's files.
     revision: Mutex<Option<String>>,
 }
@@ -65,6 +66,7 @@ impl EngineState {
             draining: AtomicBool::new(false),
             abort: AtomicBool::new(false),
             device_lost: Mutex::new(None),
+            refused: Mutex::new(None),
             revision: Mutex::new(None),
         }
     }
@@ -171,6 +173,19 @@ impl EngineState {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Why the model load refused this configuration ([`EngineError::Refused`]); the server
+    /// exits with it instead of serving.
+    pub fn refused(&self) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_refused(&self, why: String) {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }
 
     /// Records what a job's error says about the device; the first lost-device error wins.

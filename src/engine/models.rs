@@ -21,7 +21,7 @@ impl From<Flux2Error> for EngineError {
             Flux2Error::ModelFiles(_) | Flux2Error::Tokenizer(_) => EngineError::ModelFiles(msg),
             Flux2Error::Cancelled => EngineError::Cancelled,
             Flux2Error::Candle(c) => EngineError::from_tensor(&c, msg),
-            Flux2Error::Attention(_) => EngineError::Internal(msg),
+            Flux2Error::Attention(_) => EngineError::Refused(msg),
         }
     }
 }

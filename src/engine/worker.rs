@@ -51,6 +51,9 @@ pub(super) fn run<B: ImageBackend, U: UpscaleBackend, M: DeviceMemory>(
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "loading the FLUX model failed");
                 state.set_model(ModelStatus::Failed, Some(e.to_string()));
+                if let EngineError::Refused(why) = e {
+                    state.set_refused(why);
+                }
             }
             Err(p) => {
                 let msg = panic_message(p.as_ref());

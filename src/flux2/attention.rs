@@ -81,10 +81,15 @@ impl fmt::Debug for Attention {
     }
 }
 
-/// The fused backends compiled into this binary (cargo features), besides `naive`. Empty in a
-/// CPU build: the self-check then has nothing to compare and is skipped.
-pub fn compiled_backends() -> Vec<Arc<dyn AttentionKernel>> {
-    Vec::new()
+/// The fused backends this binary has for `device` (cargo features), besides `naive`. Empty in a
+/// CPU build and on the CPU device: the self-check then has nothing to compare and is skipped.
+pub fn compiled_backends(device: &Device) -> Vec<Arc<dyn AttentionKernel>> {
+    // Every fused backend so far is a CUDA kernel.
+    let cuda: Vec<Arc<dyn AttentionKernel>> = vec![
+        #[cfg(feature = "cudnn-sdpa")]
+        Arc::new(cudnn::CudnnSdpa),
+    ];
+    if device.is_cuda() { cuda } else { Vec::new() }
 }
 
 /// What `ATTENTION` / `--attention` asks for.
@@ -203,10 +208,32 @@ pub struct AttentionReport {
 /// Why the requested backend cannot be used; the service refuses to start.
 #[derive(Debug, thiserror::Error)]
 pub enum AttentionError {
-    #[error("ATTENTION={name}: no such backend in this binary (compiled: {compiled})")]
+    #[error(
+        "ATTENTION={name}: no such backend in this binary for this device (available: {compiled})"
+    )]
     NotCompiled { name: String, compiled: String },
     #[error("ATTENTION={name} failed its self-check on the device: {reason}")]
     CheckFailed { name: String, reason: String },
+}
+
+/// Whether `choice` names a backend among `candidates` (or `auto`/`naive`). The server asks this
+/// before loading weights, so a forced backend the binary or device lacks stops it at once.
+pub fn check_available(
+    choice: &AttentionChoice,
+    candidates: &[Arc<dyn AttentionKernel>],
+) -> std::result::Result<(), AttentionError> {
+    let AttentionChoice::Named(name) = choice else {
+        return Ok(());
+    };
+    if candidates.iter().any(|c| c.name() == name) {
+        return Ok(());
+    }
+    let mut available = vec![NAIVE.to_string()];
+    available.extend(candidates.iter().map(|c| c.name().to_string()));
+    Err(AttentionError::NotCompiled {
+        name: name.clone(),
+        compiled: available.join(", "),
+    })
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -376,16 +403,8 @@ pub fn select(
         AttentionChoice::Auto if candidates.is_empty() => return Ok((Attention::naive(), report)),
         AttentionChoice::Auto => candidates.iter().collect(),
         AttentionChoice::Named(name) => {
-            let found: Vec<_> = candidates.iter().filter(|c| c.name() == name).collect();
-            if found.is_empty() {
-                let mut compiled = vec![NAIVE.to_string()];
-                compiled.extend(candidates.iter().map(|c| c.name().to_string()));
-                return Err(AttentionError::NotCompiled {
-                    name: name.clone(),
-                    compiled: compiled.join(", "),
-                });
-            }
-            found
+            check_available(choice, candidates)?;
+            candidates.iter().filter(|c| c.name() == name).collect()
         }
     };
 
@@ -548,5 +567,7 @@ pub fn report_metrics(report: &AttentionReport) -> String {
     out
 }
 
+#[cfg(feature = "cudnn-sdpa")]
+mod cudnn;
 #[cfg(test)]
 mod tests;

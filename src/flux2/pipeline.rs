@@ -357,7 +357,7 @@ impl Flux2Pipeline {
             iters: ATTENTION_CHECK_ITERS,
         };
         let (attention, attention_report) =
-            select(&opts.attention, &compiled_backends(), &plan, &device)?;
+            select(&opts.attention, &compiled_backends(&device), &plan, &device)?;
         transformer.set_attention(attention);
         let vvb = files.component_var_builder("vae", vae_dtype(&device, dtype), &device)?;
         let vae = AutoencoderKLFlux2::new(&vcfg, vvb)?;

@@ -240,3 +240,33 @@ fn version_flag_says_the_package_version() {
         format!("imagegen {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// `ATTENTION` naming a backend this binary or device lacks stops `generate` with the
+/// available ones named, and writes no image; `ATTENTION=naive` is the image diffusers made.
+#[test]
+fn generate_refuses_an_absent_attention_backend_and_runs_on_naive() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.png");
+    let o = generate_ref1(&[("ATTENTION", "cudnn")], &[], &out);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(
+            "ATTENTION=cudnn: no such backend in this binary for this device (available: naive)"
+        ),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    let o = generate_ref1(&[("ATTENTION", "naive")], &[], &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = image::open(&out).unwrap().to_rgb8();
+    let want = image::open(flux2_fixtures().join("dit/pipe_ref1.png"))
+        .unwrap()
+        .to_rgb8();
+    let (frac, worst) = compare_images(&got, &want);
+    assert!(
+        frac >= 0.999,
+        "only {frac} of pixels within 1 level, max diff {worst}"
+    );
+}

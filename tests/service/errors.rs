@@ -141,3 +141,42 @@ async fn model_not_loaded_is_503_with_retry_after_and_the_original_body() {
         json!({"detail": "Model not loaded"})
     );
 }
+
+/// A loader that refuses the configuration (what a forced attention backend failing its
+/// self-check on the device gives) stops the server with the reason instead of serving.
+#[tokio::test]
+async fn a_refused_configuration_stops_the_server_with_the_reason() {
+    let why = "ATTENTION=cudnn failed its self-check on the device: max error 1.2e-1 exceeds \
+               tolerance 3.0e-2";
+    let loader: Option<BackendLoader<Scripted>> =
+        Some(Box::new(move || Err(EngineError::Refused(why.into()))));
+    let mut s = Server::start(loader, NoUpscaler, &[]).await;
+    let stopped = tokio::time::timeout(Duration::from_secs(30), s.handle.take().unwrap())
+        .await
+        .expect("the server kept running on a refused configuration")
+        .unwrap();
+    let err = stopped.expect_err("the server exited cleanly on a refused configuration");
+    assert!(
+        err.to_string()
+            .contains(&format!("refusing to start: {why}")),
+        "{err}"
+    );
+}
+
+/// `ATTENTION=<a backend this binary or device lacks>` stops the production server before it
+/// loads any weights, naming what is available.
+#[tokio::test]
+async fn forcing_an_absent_attention_backend_refuses_to_start() {
+    let mut s = Server::start_real(&["--attention", "cudnn"]).await;
+    let stopped = tokio::time::timeout(Duration::from_secs(30), s.handle.take().unwrap())
+        .await
+        .expect("the server started on an absent attention backend")
+        .unwrap();
+    let err = stopped.expect_err("the server exited cleanly").to_string();
+    assert!(
+        err.contains(
+            "ATTENTION=cudnn: no such backend in this binary for this device (available: naive)"
+        ),
+        "{err}"
+    );
+}

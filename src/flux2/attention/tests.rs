@@ -297,3 +297,20 @@ fn metrics_show_selected_backend_and_each_candidate() {
     assert!(m.contains("imagegen_attention_check_max_error{backend=\"wrong\"} 0.1"));
     assert!(m.contains("imagegen_attention_check_seconds{backend=\"naive\"}"));
 }
+
+/// The fused backends are CUDA kernels: a CUDA build running on the CPU device offers none, so
+/// `auto` runs no check there and a forced one is refused before any weights load.
+#[test]
+fn the_cpu_device_offers_no_fused_backend() {
+    assert!(compiled_backends(&Device::Cpu).is_empty());
+    let cpu = compiled_backends(&Device::Cpu);
+    assert!(check_available(&AttentionChoice::Auto, &cpu).is_ok());
+    assert!(check_available(&AttentionChoice::Naive, &cpu).is_ok());
+    let err = check_available(&"cudnn".parse().unwrap(), &cpu).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "ATTENTION=cudnn: no such backend in this binary for this device (available: naive)"
+    );
+    let c = kernels(vec![Arc::new(Slow)]);
+    assert!(check_available(&AttentionChoice::Named("slow".into()), &c).is_ok());
+}
