@@ -4,9 +4,10 @@
 #   docker build -t imagegen .                                  # H100/H200 kernels (sm_90a)
 #   docker build --build-arg CUDA_COMPUTE_CAP=80 -t imagegen .  # portable PTX: A100 … RTX 5090
 #   docker build --build-arg BAKE_REALESRGAN=true -t imagegen . # Real-ESRGAN x4plus inside
-#   docker build --build-arg CUDNN=1 \
-#     --build-arg CUDA_RUNTIME_IMAGE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04 -t imagegen .
-#                                                               # cuDNN convolutions (VAE, x4plus)
+#   docker build --build-arg CUDNN=1 -t imagegen .              # cuDNN convolutions (VAE, x4plus)
+#   docker build --build-arg FUSED_ATTENTION=0 \
+#     --build-arg CUDA_RUNTIME_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04 -t imagegen .
+#                                                               # naive attention, no cuDNN
 #   docker build --secret id=hf_token,env=HF_TOKEN \
 #     --build-arg BAKE_MODEL=black-forest-labs/FLUX.2-klein-4B \
 #     --build-arg MODEL_ID=/opt/imagegen/model -t imagegen .    # model weights inside
@@ -14,7 +15,8 @@
 # The build stage compiles exactly like `make build-cuda` (CUDA 13.0 toolkit from PyPI wheels, no
 # GPU needed); the runtime stage carries the binary, CA certificates and nothing else of note.
 
-ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
+# cuDNN 9 at run time: the fused attention (default) opens it, the CUDNN=1 convolutions link it.
+ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
 
 FROM rust:1.95-slim-bookworm AS build
 # hadolint ignore=DL3008
@@ -27,9 +29,11 @@ COPY . .
 ARG CUDA_COMPUTE_CAP=90
 # 1: the cuDNN-conv variant; the runtime image must then carry cuDNN 9 (CUDA_RUNTIME_IMAGE).
 ARG CUDNN=0
-RUN CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP}" CUDNN="${CUDNN}" CUDA_TARGET_DIR=/src/target-cuda \
-    CUDA_DIST=/src/dist scripts/build-cuda.sh \
-    && suffix="$([ "${CUDNN}" = 1 ] && echo -cudnn || true)" \
+# 1: cuDNN fused attention for the DiT (opened at run time; falls back to naive without cuDNN).
+ARG FUSED_ATTENTION=1
+RUN CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP}" CUDNN="${CUDNN}" FUSED_ATTENTION="${FUSED_ATTENTION}" \
+    CUDA_TARGET_DIR=/src/target-cuda CUDA_DIST=/src/dist scripts/build-cuda.sh \
+    && suffix="$([ "${CUDNN}" = 1 ] && echo -cudnn || true)$([ "${FUSED_ATTENTION}" = 1 ] || echo -naive)" \
     && install -D -m 0755 "/src/dist/imagegen-cuda13.0-sm${CUDA_COMPUTE_CAP}${suffix}" /out/bin/imagegen \
     && install -D -m 0644 /src/.venv-cuda/cuda-link/libcuda.so /out/ci-stub/libcuda.so.1
 

@@ -151,7 +151,11 @@ fixtures-flux2-bf16: parity-venv
 
 fixtures: fixtures-flux2-bf16
 
-.PHONY: bench-flux2-cpu bench-cpu
+.PHONY: bench-flux2-cpu bench-cpu bench-cpu-ops
+bench-cpu-ops: ## the DiT bench's GEMMs, attention products and softmax alone: candle, then PyTorch (2 threads)
+	RAYON_NUM_THREADS=2 $(CARGO) bench --bench cpu_ops
+	$(PARITY_VENV)/bin/python benches/cpu_ops_torch.py 2
+
 bench-cpu: ## candle vs PyTorch on CPU, interleaved, load recorded (BENCH_ARGS="--threads 2 --rounds 5 --cases ...")
 	PARITY_VENV=$(PARITY_VENV) $(CARGO) bench --bench cpu_vs_torch -- $(BENCH_ARGS)
 

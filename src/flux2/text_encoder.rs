@@ -117,9 +117,10 @@ impl Attention {
         let scores =
             (crate::nn::matmul::matmul_f32(&q.contiguous()?, &k.t()?.contiguous()?)? * scale)?;
         // Mask and softmax in f32: pad keys get exactly zero weight in any compute dtype.
-        let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?.broadcast_add(mask)?)?
-                .to_dtype(v.dtype())?;
+        let probs = crate::nn::softmax::softmax_last_dim(
+            &scores.to_dtype(DType::F32)?.broadcast_add(mask)?,
+        )?
+        .to_dtype(v.dtype())?;
         let out = crate::nn::matmul::matmul(&probs, &v)?; // [B, H, L, hd]
         let out = out
             .transpose(1, 2)?

@@ -1,4 +1,5 @@
-//! Memory-lean building blocks shared by the VAE and the upscalers.
+//! Memory-lean building blocks shared by the VAE and the upscalers, and the CPU kernels that
+//! candle lacks or runs slowly (bf16 matmul, conv, softmax).
 //!
 //! candle's conv2d is im2col + GEMM on CUDA: it materialises a `[H_out·W_out, k²·C_in]` column
 //! buffer (4.8 GB in bf16 for the VAE decoder's 256-channel convs at 1024²), and its GroupNorm
@@ -11,6 +12,7 @@ pub mod conv;
 pub mod cpu_conv;
 pub mod group_norm;
 pub mod matmul;
+pub mod softmax;
 
 pub use conv::{LeanConv2d, Pad};
 pub use group_norm::LeanGroupNorm;

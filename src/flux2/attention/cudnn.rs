@@ -109,7 +109,7 @@ impl AttentionKernel for CudnnSdpa {
                 v.dims()
             );
         }
-        if !matches!(q.dtype(), DType::BF16 | DType::F16) || d % 8 != 0 || d > 256 {
+        if !matches!(q.dtype(), DType::BF16 | DType::F16) || !d.is_multiple_of(8) || d > 256 {
             candle_core::bail!(
                 "cudnn attention takes bf16/f16 with head_dim a multiple of 8 up to 256, got {:?} d={d}",
                 q.dtype()
