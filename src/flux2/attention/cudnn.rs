@@ -36,6 +36,7 @@ unsafe extern "C" {
         h: i64,
         s: i64,
         d: i64,
+        may_evict: c_int,
         workspace: *mut i64,
         err: *mut c_char,
         err_len: usize,
@@ -60,15 +61,28 @@ unsafe extern "C" {
 
 const ERR_LEN: usize = 2048;
 
+/// What `imagegen_cudnn_sdpa_prepare` returns when its graph cache must be cleared first.
+const CACHE_FULL: c_int = 2;
+
 /// Calls one shim entry point with an error buffer; a non-zero return becomes a candle error.
 fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
+    call_code(what, f).and_then(|code| match code {
+        0 => Ok(()),
+        c => candle_core::bail!("cudnn {what}: returned {c}"),
+    })
+}
+
+/// [`call`], but hands back the shim's non-error codes (0, or [`CACHE_FULL`]).
+fn call_code(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<c_int> {
     let mut buf = vec![0 as c_char; ERR_LEN];
-    if f(buf.as_mut_ptr(), ERR_LEN) == 0 {
-        return Ok(());
+    match f(buf.as_mut_ptr(), ERR_LEN) {
+        code @ (0 | CACHE_FULL) => Ok(code),
+        _ => {
+            // SAFETY: the shim always NUL-terminates within ERR_LEN.
+            let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
+            candle_core::bail!("cudnn {what}: {msg}")
+        }
     }
-    // SAFETY: the shim always NUL-terminates within ERR_LEN.
-    let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
-    candle_core::bail!("cudnn {what}: {msg}")
 }
 
 /// Opens cuDNN once per process; the outcome (its version, or why not) is kept.
@@ -148,19 +162,21 @@ impl SdpaOp {
         }
         let dims = [b, h, n, d].map(|x| x as i64);
         let mut workspace = 0i64;
-        call("prepare", |err, len| unsafe {
-            imagegen_cudnn_sdpa_prepare(
-                ordinal,
-                dtype_code,
-                dims[0],
-                dims[1],
-                dims[2],
-                dims[3],
-                &mut workspace,
-                err,
-                len,
-            )
-        })?;
+        let prepare = |may_evict: c_int, workspace: &mut i64| {
+            call_code("prepare", |err, len| unsafe {
+                imagegen_cudnn_sdpa_prepare(
+                    ordinal, dtype_code, dims[0], dims[1], dims[2], dims[3], may_evict, workspace,
+                    err, len,
+                )
+            })
+        };
+        if prepare(0, &mut workspace)? == CACHE_FULL {
+            // Cached graphs may still run on the stream: let them finish before they go.
+            stream.synchronize().w()?;
+            if prepare(1, &mut workspace)? != 0 {
+                candle_core::bail!("cudnn prepare: the graph cache is still full after clearing");
+            }
+        }
         // SAFETY: fully written by the kernel before anything reads it.
         let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(b * h * n * d)? };
         let mut scratch: Option<CudaSlice<u8>> = match workspace {

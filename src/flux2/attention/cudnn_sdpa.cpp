@@ -6,8 +6,11 @@
 // and the self-check falls back to the naive attention. Every entry point catches C++ exceptions
 // and returns a message instead: nothing may unwind into Rust.
 //
-// One graph per (device, dtype, B, H, S, D), built on first use and cached: the DiT runs a
-// handful of sequence lengths per image size, so the cache stays small.
+// One graph per (device, dtype, B, H, S, D), built on first use and cached: the DiT runs one
+// sequence length per image size and reference count. Requests choose those, so the cache is
+// bounded (MAX_PLANS, then it starts over) rather than left to grow with every new size. A plan
+// may still be running on the stream, so the cache is only cleared once the caller has
+// synchronised it (prepare answers CACHE_FULL first).
 
 #include <dlfcn.h>
 
@@ -43,6 +46,8 @@ struct Plan {
 std::mutex mu;
 std::map<int, cudnnHandle_t> handles;  // per device ordinal
 std::map<Key, Plan> plans;
+constexpr size_t MAX_PLANS = 64;
+constexpr int CACHE_FULL = 2;
 
 void write_error(char *buf, size_t len, const std::string &msg) {
     if (buf == nullptr || len == 0) return;
@@ -125,10 +130,17 @@ fe::DataType_t io_type(int dtype) {
 // Q, K, V are [B, H, S, D] contiguous; O is written as [B, S, H, D] (what the DiT's output
 // projection reads as [B, S, H*D]) through its strides, so no transpose follows. Q is already
 // multiplied by 1/sqrt(D), hence attn_scale 1. Softmax statistics are not generated (inference).
-Plan &plan_for(cudnnHandle_t handle, int device, int dtype, int64_t b, int64_t h, int64_t s, int64_t d) {
+struct CacheFull {};
+
+Plan &plan_for(cudnnHandle_t handle, int device, int dtype, int64_t b, int64_t h, int64_t s, int64_t d,
+               bool may_evict) {
     Key key{device, dtype, b, h, s, d};
     auto it = plans.find(key);
     if (it != plans.end()) return it->second;
+    if (plans.size() >= MAX_PLANS) {
+        if (!may_evict) throw CacheFull{};
+        plans.clear();
+    }
 
     auto graph = std::make_shared<fe::graph::Graph>();
     graph->set_io_data_type(io_type(dtype))
@@ -163,6 +175,9 @@ int guarded(char *err, size_t err_len, F &&body) {
         std::lock_guard<std::mutex> lock(mu);
         body();
         return 0;
+    } catch (const CacheFull &) {
+        write_error(err, err_len, "plan cache full: synchronise the stream, then prepare with may_evict");
+        return CACHE_FULL;
     } catch (const Failure &f) {
         write_error(err, err_len, f.message);
     } catch (const std::exception &e) {
@@ -186,13 +201,15 @@ int imagegen_cudnn_sdpa_open(const char *library, int64_t *version, char *err, s
 }
 
 // Builds (or finds) the graph for this shape and reports the workspace it needs in bytes.
-// The caller's CUDA context must be current on this thread.
+// The caller's CUDA context must be current on this thread. Returns CACHE_FULL (2) when a new
+// graph would need the cache cleared and `may_evict` is 0: synchronise the stream, call again
+// with 1.
 int imagegen_cudnn_sdpa_prepare(int device, int dtype, int64_t b, int64_t h, int64_t s, int64_t d,
-                                int64_t *workspace, char *err, size_t err_len) {
+                                int may_evict, int64_t *workspace, char *err, size_t err_len) {
     return guarded(err, err_len, [&] {
         if (fe::cudnn_dlhandle == nullptr) throw Failure{"cuDNN is not open"};
         cudnnHandle_t handle = handle_for(device);
-        *workspace = plan_for(handle, device, dtype, b, h, s, d).workspace;
+        *workspace = plan_for(handle, device, dtype, b, h, s, d, may_evict != 0).workspace;
     });
 }
 
@@ -204,7 +221,7 @@ int imagegen_cudnn_sdpa_run(int device, void *stream, int dtype, int64_t b, int6
     return guarded(err, err_len, [&] {
         if (fe::cudnn_dlhandle == nullptr) throw Failure{"cuDNN is not open"};
         cudnnHandle_t handle = handle_for(device);
-        Plan &plan = plan_for(handle, device, dtype, b, h, s, d);
+        Plan &plan = plan_for(handle, device, dtype, b, h, s, d, false);  // prepared just before
         check_status(fe::detail::set_stream(handle, static_cast<cudaStream_t>(stream)), "cudnnSetStream");
         std::unordered_map<int64_t, void *> pack{
             {UID_Q, const_cast<void *>(q)}, {UID_K, const_cast<void *>(k)}, {UID_V, const_cast<void *>(v)}, {UID_O, o}};
