@@ -200,6 +200,8 @@ fn main() {
     let rounds: usize = flag(&args, "--rounds").map_or(5, |s| s.parse().unwrap());
     // Before candle's first op: its GEMMs and rayon's pool read this once.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    // The service binary's CPU pool setting, so the bench measures what ships.
+    unsafe { imagegen::device::tune_cpu_pools() };
     let cases: Vec<String> = flag(&args, "--cases")
         .unwrap_or_else(|| {
             "dit_forward,vae_decode_128,vae_decode_512,text_encoder,x4plus_64".into()

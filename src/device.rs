@@ -5,6 +5,26 @@ pub mod fault;
 
 use candle_core::{DType, Device};
 
+/// How long candle's CPU barrier pool (its element-wise ops) spins before parking, unless
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` says otherwise. candle's GEMMs run on rayon's pool, on the
+/// same cores, so after every element-wise op its worker spins through the next GEMM for up to
+/// candle's default 25 000 iterations, taking a core from it. 2000 was the fastest of 25 000, 2000
+/// and 200 for the DiT, VAE decode, text encoder and x4plus alike (docs/benchmarks.md).
+pub const CPU_BARRIER_POOL_SPIN_LIMIT: u32 = 2000;
+
+/// Applies [`CPU_BARRIER_POOL_SPIN_LIMIT`] unless the environment sets the limit. candle reads
+/// it once, when its pool starts at the first CPU op.
+///
+/// # Safety
+/// Writes the process environment: call before any other thread exists (start of `main`).
+pub unsafe fn tune_cpu_pools() {
+    const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(VAR).is_none() {
+        // SAFETY: the caller guarantees no other thread reads the environment concurrently.
+        unsafe { std::env::set_var(VAR, CPU_BARRIER_POOL_SPIN_LIMIT.to_string()) };
+    }
+}
+
 /// The compute device asked for on the command line or in the environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

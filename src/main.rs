@@ -30,6 +30,8 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // SAFETY: first thing in main, before any thread is spawned.
+    unsafe { imagegen::device::tune_cpu_pools() };
     let cli = Cli::parse();
     match cli.command {
         None => serve(ServeArgs::parse_from_env()),

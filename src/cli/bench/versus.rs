@@ -145,13 +145,16 @@ pub fn table(pairs: &[Pair], m: &Machine, torch_version: &str) -> String {
     }
     out += &format!(
         "candle vs PyTorch {torch_version}, CPU f32, {} threads, interleaved · {} ({} cores) · \
-         other processes ≤ {:.2} cores · load average {:.2}-{:.2} (bench included)\n\n",
+         other processes ≤ {:.2} cores · load average {:.2}-{:.2} (bench included) · candle \
+         barrier-pool spin limit {}\n\n",
         m.threads,
         m.cpu,
         m.cores,
         m.max_foreign(),
         m.load_samples.iter().copied().fold(f64::INFINITY, f64::min),
         m.max_load(),
+        std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT")
+            .unwrap_or_else(|_| "25000 (candle's default)".into()),
     );
     out += "| case | candle ms (min-max) | PyTorch ms (min-max) | candle / PyTorch | target |\n";
     out += "|---|---:|---:|---:|---:|\n";
