@@ -184,7 +184,8 @@ mod avx2 {
             *d = exp(s - max);
             sum += *d;
         }
-        let inv = _mm256_set1_ps(1.0 / sum);
+        let inv_sum = 1.0 / sum;
+        let inv = _mm256_set1_ps(inv_sum);
         for d in dbody.chunks_exact_mut(LANES) {
             // SAFETY: `d` holds 8 f32.
             unsafe {
@@ -193,7 +194,7 @@ mod avx2 {
             }
         }
         for d in dtail {
-            *d *= 1.0 / sum;
+            *d *= inv_sum;
         }
     }
 
